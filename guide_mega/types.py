@@ -1,0 +1,139 @@
+"""Records that cross module boundaries: prompts, rollouts, groups of rollouts and the packed train batch.
+
+Shape legend: S sequences (responses) in a batch, T response tokens of the whole batch packed end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+ChatMessage = dict[str, str]
+PromptContent = str | list[ChatMessage]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(kw_only=True)
+class Prompt:
+    """One training or evaluation problem."""
+
+    id: str
+    """Stable identifier (used for logging, resume and the eval analysis)."""
+    prompt: PromptContent
+    """The hint-free problem: plain text, or chat messages [{role, content}, ...]."""
+    answer: str | list[str]
+    """Ground truth for the verifier (several strings mean any of them is accepted)."""
+    hint: str | None = None
+    """Natural-language guidance inserted into the prompt by the hint template (never the answer)."""
+    hinted_prompt: PromptContent | None = None
+    """A complete hinted prompt given by the data (the authors' schema); takes precedence over `hint`."""
+    source: str = ""
+    """Dataset or generator name, for per-source metrics."""
+    metadata: dict = field(default_factory=dict)
+    """Anything the reward function needs beyond `answer` (e.g. a reasoning-gym entry)."""
+
+    @property
+    def has_hint(self) -> bool:
+        return self.hint is not None or self.hinted_prompt is not None
+
+
+@dataclass(kw_only=True)
+class Rollout:
+    """One sampled response and everything needed to train on it."""
+
+    prompt_id: str
+    sampled_prompt_ids: list[int]
+    """Token ids of the prompt the response was sampled under (the hinted prompt for guided rollouts)."""
+    train_prompt_ids: list[int]
+    """Token ids of the hint-free prompt the policy is trained under (equal to sampled_prompt_ids if unguided)."""
+    response_ids: list[int]
+    behaviour_logprobs: list[float] | None = None
+    """Per-token logprobs of response_ids under the sampling distribution, from the rollout engine."""
+    response_text: str = ""
+    reward: float = 0.0
+    correct: bool = False
+    """Whether the verifier accepted the answer; success rates (and so 'unsolved') count these."""
+    is_guided: bool = False
+    finish_reason: FinishReason = "stop"
+
+    def __post_init__(self) -> None:
+        if self.behaviour_logprobs is not None and len(self.behaviour_logprobs) != len(self.response_ids):
+            raise ValueError(
+                f"rollout {self.prompt_id}: {len(self.behaviour_logprobs)} behaviour logprobs for "
+                f"{len(self.response_ids)} response tokens"
+            )
+
+
+@dataclass(kw_only=True)
+class RolloutGroup:
+    """The G rollouts of one prompt, all sampled under the same context."""
+
+    prompt: Prompt
+    rollouts: list[Rollout]
+    is_guided: bool = False
+
+    @property
+    def rewards(self) -> list[float]:
+        return [rollout.reward for rollout in self.rollouts]
+
+    @property
+    def success_rate(self) -> float:
+        if not self.rollouts:
+            return 0.0
+        return sum(rollout.correct for rollout in self.rollouts) / len(self.rollouts)
+
+
+@dataclass(kw_only=True)
+class TrainBatch:
+    """A step's training data: S responses packed end to end, with per-token and per-sequence tensors.
+
+    Guided samples carry two prompts: `sampled_prompt_ids` (the hinted context, for old logprobs) and
+    `train_prompt_ids` (the hint-free context, for the current policy).
+    """
+
+    train_prompt_ids: list[list[int]]
+    sampled_prompt_ids: list[list[int]]
+    response_ids_T: torch.Tensor
+    cu_seqlens_S1: torch.Tensor
+    """Response boundaries: sequence s spans response_ids_T[cu_seqlens_S1[s]:cu_seqlens_S1[s + 1]]."""
+    advantages_T: torch.Tensor
+    is_guided_S: torch.Tensor
+    rewards_S: torch.Tensor
+    group_ids_S: torch.Tensor
+    behaviour_logprobs_T: torch.Tensor | None = None
+    old_logprobs_T: torch.Tensor | None = None
+    """Logprobs under the sampled context from the training backend at step start (filled by the backend)."""
+
+    def __post_init__(self) -> None:
+        num_seqs = len(self.train_prompt_ids)
+        checks = {
+            "sampled_prompt_ids": len(self.sampled_prompt_ids),
+            "cu_seqlens_S1 - 1": self.cu_seqlens_S1.numel() - 1,
+            "is_guided_S": self.is_guided_S.numel(),
+            "rewards_S": self.rewards_S.numel(),
+            "group_ids_S": self.group_ids_S.numel(),
+        }
+        for name, count in checks.items():
+            if count != num_seqs:
+                raise ValueError(f"TrainBatch.{name} has {count} entries for {num_seqs} sequences")
+        num_tokens = int(self.cu_seqlens_S1[-1]) if num_seqs else 0
+        for name in ("response_ids_T", "advantages_T", "behaviour_logprobs_T", "old_logprobs_T"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.numel() != num_tokens:
+                raise ValueError(f"TrainBatch.{name} has {tensor.numel()} entries for {num_tokens} response tokens")
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.train_prompt_ids)
+
+    @property
+    def seq_ids_T(self) -> torch.Tensor:
+        """Sequence index of every response token [T]."""
+        lengths_S = self.cu_seqlens_S1[1:] - self.cu_seqlens_S1[:-1]
+        return torch.repeat_interleave(torch.arange(self.num_seqs), lengths_S)
+
+    @property
+    def is_guided_T(self) -> torch.Tensor:
+        return self.is_guided_S[self.seq_ids_T]

@@ -1,0 +1,147 @@
+"""Guide's unsolved-group detection, hinted prompts, merging and hint metrics."""
+
+import pytest
+import torch
+
+from guide_mega.algorithms.advantages import group_advantages_reference
+from guide_mega.algorithms.guide import (
+    filter_groups_by_success,
+    find_unsolved_groups,
+    guide_metrics,
+    hint_reliance,
+    hinted_prompt,
+    merge_guided_groups,
+    plan_hints,
+    unsolved_mask,
+)
+from guide_mega.types import Prompt, Rollout, RolloutGroup
+
+PLAIN_IDS = [1, 2, 3]
+HINTED_IDS = [1, 2, 9, 9, 3]
+
+
+def _group(prompt_id, correct, *, hint="use the subtotals", guided=False):
+    prompt = Prompt(id=prompt_id, prompt=f"problem {prompt_id}", answer="7", hint=hint)
+    sampled = HINTED_IDS if guided else PLAIN_IDS
+    rollouts = [
+        Rollout(prompt_id=prompt_id, sampled_prompt_ids=sampled, train_prompt_ids=sampled, response_ids=[5, 6],
+                reward=float(ok), correct=ok, is_guided=guided)
+        for ok in correct
+    ]  # fmt: skip
+    return RolloutGroup(prompt=prompt, rollouts=rollouts, is_guided=guided)
+
+
+def _rewards_and_ids(groups):
+    rewards = [r.reward for g in groups for r in g.rollouts]
+    ids = [i for i, g in enumerate(groups) for _ in g.rollouts]
+    return torch.tensor(rewards, dtype=torch.float64), torch.tensor(ids)
+
+
+def test_unsolved_threshold():
+    rates_G = torch.tensor([0.0, 0.125, 0.5, 1.0])
+    assert unsolved_mask(rates_G, threshold=0.0).tolist() == [True, False, False, False]
+    assert unsolved_mask(rates_G, threshold=0.125).tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="threshold"):
+        unsolved_mask(rates_G, threshold=1.0)
+
+
+def test_find_unsolved_groups_all_unsolved_and_guided_excluded():
+    groups = [_group("a", [False] * 4), _group("b", [False] * 4), _group("c", [False] * 4, guided=True)]
+    assert find_unsolved_groups(groups) == [0, 1]
+    groups = [_group("a", [True, False, False, False]), _group("b", [False] * 4)]
+    assert find_unsolved_groups(groups, threshold=0.0) == [1]
+    assert find_unsolved_groups(groups, threshold=0.25) == [0, 1]
+
+
+def test_hinted_prompt_text_chat_and_precedence():
+    text = Prompt(id="t", prompt="2 cats?", answer="8", hint="a cat has 4 legs")
+    assert hinted_prompt(text) == "2 cats?\nHint: a cat has 4 legs"
+    assert hinted_prompt(text, template="[{hint}] {prompt}") == "[a cat has 4 legs] 2 cats?"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 cats?"}]
+    chat = Prompt(id="c", prompt=messages, answer="8", hint="a cat has 4 legs")
+    hinted = hinted_prompt(chat)
+    assert hinted[0] == messages[0] and hinted[1]["content"] == "2 cats?\nHint: a cat has 4 legs"
+    assert messages[1]["content"] == "2 cats?"  # the hint-free prompt is left untouched
+    given = Prompt(id="g", prompt="p", answer="1", hint="h", hinted_prompt="full hinted text")
+    assert hinted_prompt(given) == "full hinted text"
+    with pytest.raises(ValueError, match="no hint"):
+        hinted_prompt(Prompt(id="n", prompt="p", answer="1"))
+
+
+def test_plan_hints_counts_prompts_without_hint():
+    groups = [_group("a", [False] * 2), _group("b", [False] * 2, hint=None), _group("c", [True, False])]
+    plan = plan_hints(groups, find_unsolved_groups(groups))
+    assert plan.group_indices == [0] and plan.without_hint == [1]
+    assert plan.prompts == ["problem a\nHint: use the subtotals"]
+
+
+def test_merge_replace_trains_guided_rollouts_under_hint_free_prompt():
+    groups = [_group("a", [False] * 4), _group("b", [True, False, True, False])]
+    guided = {0: _group("a", [True, False, False, False], guided=True)}
+    merged = merge_guided_groups(groups, guided, mode="replace")
+    assert merged[1] is groups[1]
+    assert len(merged[0].rollouts) == 4 and merged[0].is_guided
+    for rollout in merged[0].rollouts:
+        assert rollout.is_guided
+        assert rollout.sampled_prompt_ids == HINTED_IDS  # old logprobs: the context it was sampled in
+        assert rollout.train_prompt_ids == PLAIN_IDS  # current policy: the hint-free context
+    rewards, ids = _rewards_and_ids(merged)
+    advantages = group_advantages_reference(rewards, ids, unbiased_std=False, eps=0.0)
+    torch.testing.assert_close(advantages[:4], torch.tensor([3.0, -1.0, -1.0, -1.0], dtype=torch.float64) / 3**0.5)
+
+
+def test_merge_pool_normalises_over_failed_and_guided_samples():
+    groups = [_group("a", [False] * 4)]
+    merged = merge_guided_groups(groups, {0: _group("a", [True, True, False, False], guided=True)}, mode="pool")
+    assert len(merged[0].rollouts) == 8
+    assert [r.is_guided for r in merged[0].rollouts] == [False] * 4 + [True] * 4
+    rewards, ids = _rewards_and_ids(merged)
+    advantages = group_advantages_reference(rewards, ids, unbiased_std=False, eps=0.0)
+    # mean 0.25, population std sqrt(0.1875)
+    expected = (torch.tensor([0, 0, 0, 0, 1, 1, 0, 0], dtype=torch.float64) - 0.25) / 0.1875**0.5
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_merge_rejects_mismatched_prompt():
+    with pytest.raises(ValueError, match="merged into"):
+        merge_guided_groups([_group("a", [False])], {0: _group("b", [True], guided=True)})
+
+
+def test_no_unsolved_group_reduces_exactly_to_grpo():
+    groups = [_group("a", [True, False, True]), _group("b", [False, True, True])]
+    unsolved = find_unsolved_groups(groups)
+    assert unsolved == []
+    plan = plan_hints(groups, unsolved)
+    merged = merge_guided_groups(groups, {}, mode="replace")
+    assert merged == groups and plan.group_indices == []
+    assert not any(r.is_guided for g in merged for r in g.rollouts)
+
+
+def test_filter_groups_by_success():
+    groups = [_group("a", [False] * 2), _group("b", [True, False]), _group("c", [True, True])]
+    kept, dropped = filter_groups_by_success(groups, low=0.001, high=0.999)
+    assert [g.prompt.id for g in kept] == ["b"] and [g.prompt.id for g in dropped] == ["a", "c"]
+
+
+def test_hint_reliance_hand_computed():
+    hinted_T = torch.tensor([-0.1, -0.2, -0.5, -1.0, -1.0])
+    plain_T = torch.tensor([-1.1, -1.2, -0.5, -2.0, -1.5])
+    seq_ids_T = torch.tensor([0, 0, 1, 2, 2])
+    guided_S = torch.tensor([True, False, True])
+    metrics = hint_reliance(hinted_T, plain_T, seq_ids_T, guided_S)
+    assert metrics["guide/hint_reliance"].item() == pytest.approx((2.0 + 1.5) / 2)
+    assert metrics["guide/hint_reliance_per_token"].item() == pytest.approx((1.0 + 0.75) / 2)
+    none = hint_reliance(hinted_T, plain_T, seq_ids_T, torch.zeros(3, dtype=torch.bool))
+    assert none["guide/hint_reliance"].item() == 0.0
+
+
+def test_guide_metrics_counts():
+    groups = [_group("a", [False] * 2), _group("b", [False] * 2, hint=None), _group("c", [True, False])]
+    unsolved = find_unsolved_groups(groups)
+    plan = plan_hints(groups, unsolved)
+    guided = {0: _group("a", [True, False], guided=True)}
+    metrics = guide_metrics(groups, unsolved, plan, guided)
+    assert metrics["guide/num_unsolved_groups"] == 2
+    assert metrics["guide/num_unsolved_without_hint"] == 1
+    assert metrics["guide/guided_groups_solved"] == 1
+    assert metrics["guide/guided_success_rate"] == pytest.approx(0.5)
