@@ -7,9 +7,12 @@ on top. Unknown keys, wrong types and out-of-range values raise `ConfigError` na
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import operator
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,10 +62,13 @@ class RolloutConfig:
     group_size: int = ranged(8, ge=1)
     """G: samples per prompt."""
     temperature: float = ranged(1.0, gt=0.0)
+    """Sampling temperature; the behaviour logprobs are those of the tempered distribution."""
     top_p: float = ranged(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (1.0 disables it)."""
     top_k: int = ranged(-1, ge=-1)
     """-1 (or 0) disables top-k."""
     max_new_tokens: int = ranged(1024, ge=1)
+    """Longest response; a response cut here finishes with reason 'length'."""
     stop: list[str] = field(default_factory=list)
     """Stop strings, besides the tokenizer's end-of-sequence token."""
     batch_size: int = ranged(64, ge=1)
@@ -90,7 +96,9 @@ class GuideConfig:
     gamma: Literal["quantile", "constant"] = "quantile"
     """Shaping gamma: a quantile of the guided tokens' ratios (padding excluded) or a constant."""
     gamma_quantile: float = ranged(0.9, ge=0.0, le=1.0)
+    """gamma=quantile: which quantile of the guided ratios (the authors use 0.9)."""
     gamma_constant: float = ranged(1.0, gt=0.0)
+    """gamma=constant: the fixed gamma (LUFFY uses 0.1)."""
     clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
     """off_policy=clip: guided ratios are clipped below at 1 - clip_low."""
     clip_high: float = ranged(0.2, ge=0.0)
@@ -108,6 +116,7 @@ class AlgorithmConfig:
     unbiased_std: bool = True
     """grpo: divide by the unbiased (Bessel) group std, else the population std."""
     std_eps: float = ranged(1e-6, ge=0.0)
+    """grpo: epsilon added to the group std (or to the variance with eps_inside_sqrt)."""
     eps_inside_sqrt: bool = False
     """grpo: (r - mean) / sqrt(var + eps) instead of (r - mean) / (std + eps)."""
     clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
@@ -117,12 +126,15 @@ class AlgorithmConfig:
     dual_clip: float | None = ranged(None, gt=1.0)
     """Dual-clip constant c > 1 capping the loss of negative-advantage tokens at -A c; null disables it."""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "seq_mean_token_mean"
+    """How per-token losses reduce: over all tokens, per-sequence means, or per-sequence sums."""
     token_sum_scale: float = ranged(1.0, gt=0.0)
     """seq_mean_token_sum divides by this constant too (Dr. GRPO: the maximum response length)."""
     kl_coef: float = ranged(0.0, ge=0.0)
     """Weight of the KL penalty against the reference model; 0 (default, as in the paper) loads no reference."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator: k1 (log-ratio), k2 (half squared), k3 (unbiased, non-negative)."""
     entropy_coef: float = ranged(0.0, ge=0.0)
+    """Weight of the entropy bonus subtracted from the loss."""
     filter_zero_variance: bool = False
     """Filter-GRPO: drop groups whose rewards are all equal and sample more prompts until the batch is full."""
     max_filter_rounds: int = ranged(4, ge=1)
@@ -130,22 +142,33 @@ class AlgorithmConfig:
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Old logprobs recomputed by the trainer under each sample's sampling context, or taken from the engine."""
     gae_gamma: float = ranged(1.0, ge=0.0, le=1.0)
+    """gae: discount factor."""
     gae_lambda: float = ranged(1.0, ge=0.0, le=1.0)
+    """gae: bias-variance trade-off of the advantage estimate."""
     value_clip: float | None = ranged(0.2, gt=0.0)
     """PPO critic: clip range of the value update; null disables it."""
     guide: GuideConfig = field(default_factory=GuideConfig)
+    """Guide: the second, hinted wave for unsolved prompts."""
 
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
     lr: float = ranged(1e-6, gt=0.0)
+    """Peak learning rate of the policy (Adam)."""
     min_lr: float = ranged(0.0, ge=0.0)
+    """Floor of the cosine and linear schedules."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
     warmup_steps: int = ranged(0, ge=0)
+    """Optimizer steps of linear warm-up from 0."""
     weight_decay: float = ranged(0.01, ge=0.0)
+    """Decoupled weight decay (AdamW)."""
     adam_beta1: float = ranged(0.9, ge=0.0, lt=1.0)
+    """Adam first-moment decay."""
     adam_beta2: float = ranged(0.999, ge=0.0, lt=1.0)
+    """Adam second-moment decay."""
     adam_eps: float = ranged(1e-8, gt=0.0)
+    """Adam denominator epsilon."""
     grad_clip: float = ranged(1.0, ge=0.0)
     """Global gradient-norm clip; 0 disables it."""
     critic_lr: float = ranged(1e-5, gt=0.0)
@@ -161,12 +184,15 @@ class DataConfig:
     schema: Literal["native", "guide_rl"] = "native"
     """Row schema: ours (prompt, answer, hint, id, source) or the Guide authors' dataset columns."""
     eval_source: str | None = None
+    """Held-out problems for evaluation (same forms as `source`); null disables it."""
     max_prompt_tokens: int = ranged(1024, ge=1)
     """Longer prompts are counted and reported, not trained on."""
     system_prompt: str | None = None
     """System message added by the chat template; null keeps the tokenizer's default."""
     shuffle: bool = True
+    """Shuffle prompts each epoch (deterministically, from `seed`)."""
     seed: int = 1234
+    """Seed of the shuffle; with the saved position it makes resume exact."""
     on_error: Literal["raise", "skip"] = "raise"
     """A malformed row raises (naming file and line) or is skipped and counted."""
 
@@ -178,6 +204,7 @@ class RewardConfig:
     timeout_s: float = ranged(5.0, gt=0.0)
     """Per-sample verification timeout; a timeout scores 0 and is counted."""
     num_workers: int = ranged(4, ge=1)
+    """Processes in the verification pool."""
     format_gate: bool = False
     """Score 0 unless the response has exactly one final answer in the expected format."""
     format_bonus: float = ranged(0.0, ge=0.0)
@@ -187,13 +214,17 @@ class RewardConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int = ranged(100, ge=1)
+    """RL steps (each: rollouts, rewards, Guide's second wave, training, weight sync)."""
     prompts_per_step: int = ranged(128, ge=1)
+    """B: prompts sampled per step (each gets group_size rollouts)."""
     mini_batches_per_step: int = ranged(1, ge=1)
     """Optimizer steps per RL step (the batch is split into this many mini-batches)."""
     micro_batch_tokens: int = ranged(8192, ge=1)
     """Token budget of one packed micro-batch per data-parallel rank."""
     seed: int = 1
+    """Seed of model init, sampling and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto uses CUDA when available."""
     colocate: bool = True
     """The rollout engine shares the training GPUs and sleeps while the policy trains."""
     eval_every: int = ranged(0, ge=0)
@@ -205,7 +236,9 @@ class LoggingConfig:
     run_dir: str = "runs/default"
     """Where metrics, the resolved config and plots go."""
     tensorboard: bool = True
+    """Write TensorBoard event files beside the JSONL metrics."""
     progress_bar: bool = True
+    """Show a progress bar (off for non-interactive logs)."""
 
 
 @dataclass(kw_only=True)
@@ -215,6 +248,7 @@ class CheckpointConfig:
     every: int = ranged(0, ge=0)
     """Save every N steps (0: only at the end and on SIGTERM)."""
     keep_last: int = ranged(2, ge=1)
+    """How many checkpoints to keep; older ones are deleted after a save succeeds."""
     resume: Literal["auto", "never", "must"] = "auto"
     """auto resumes from the newest valid checkpoint when there is one; must fails if there is none."""
     export_hf: bool = False
@@ -224,15 +258,25 @@ class CheckpointConfig:
 @dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout; data parallel = world size / (tensor * pipeline * context)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling and the rollout engine."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """Advantages, losses and Guide."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training prompts."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """Verifiable reward."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Step counts and batch sizes."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, TensorBoard, progress bar."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
 
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -387,3 +431,53 @@ def dump_config(config: Config, path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text)
     return text
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls`, read from its source (attribute docstrings)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, following in zip(body, body[1:] + [None], strict=True):
+        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(stmt, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
+            docs[stmt.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_config(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, doc) for every leaf field, in declaration order, for docs and --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    defaults = cls()
+    for item in dataclasses.fields(cls):
+        key, hint = f"{prefix}{item.name}", hints[item.name]
+        if dataclasses.is_dataclass(hint):
+            rows.extend(describe_config(hint, f"{key}."))
+            continue
+        type_text = str(hint).replace("typing.", "") if typing.get_origin(hint) else hint.__name__
+        default = yaml.safe_dump(getattr(defaults, item.name), default_flow_style=True).strip().removesuffix("...")
+        rows.append((key, type_text, default.strip(), docs.get(item.name, "")))
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference (docs/configuration.md), generated from the dataclasses."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `python -m guide_mega.config` from `guide_mega/config.py`; do not edit by hand.",
+        "A YAML file sets any of these keys; `key.path=value` arguments override them on the command line.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, type_text, default, doc in describe_config():
+        cells = [f"`{key}`", type_text, f"`{default}`", doc]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from guide_mega.config import Config, ConfigError, dump_config, load_config, parse_override
+from guide_mega.config import (
+    Config,
+    ConfigError,
+    config_reference_markdown,
+    describe_config,
+    dump_config,
+    load_config,
+    parse_override,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -89,3 +97,13 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
     assert config != Config()
     dump_config(config, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == config
+
+
+def test_every_field_has_a_docstring():
+    undocumented = [key for key, _, _, doc in describe_config() if not doc]
+    assert undocumented == []
+
+
+def test_configuration_reference_is_up_to_date():
+    reference = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert reference.read_text() == config_reference_markdown(), "regenerate: python -m guide_mega.config > docs/..."
