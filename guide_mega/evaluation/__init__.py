@@ -1,0 +1,1 @@
+"""Evaluation and analysis: pass@k, the self-distillation / capability-gain decomposition, hint lift, plots."""
