@@ -1,0 +1,74 @@
+"""The `guide-mega` command: doctor and analyze (train, eval and convert join as their backends land)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from guide_mega.doctor import collect_report, format_report
+
+    report = collect_report()
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from guide_mega.evaluation.analysis import decompose_pass_at_1_change
+    from guide_mega.evaluation.passk import EvalResults
+    from guide_mega.evaluation.plots import plot_decomposition, plot_pass_at_k
+
+    before, after = EvalResults.load(args.before), EvalResults.load(args.after)
+    decomposition = decompose_pass_at_1_change(
+        before, after, k=args.k, solved_threshold=args.solved_threshold, reach_threshold=args.reach_threshold
+    )
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "decomposition.json").write_text(json.dumps(decomposition.as_dict(), indent=1) + "\n")
+    plot_decomposition(decomposition, output / "decomposition.png")
+    plot_pass_at_k({"before": before, "after": after}, output / "pass_at_k.png")
+    values = decomposition.as_dict()
+    print(
+        f"problems: {values['num_problems']}  solved at pass@1: {values['solved_before']} -> {values['solved_after']}"
+    )
+    for name in ("self_distillation", "capability_gain", "forgetting"):
+        print(f"{name:>18}: {values[name]:4d} ({values[name + '_fraction']:.3f})")
+    print(f"{'net change':>18}: {values['net_change']:+.3f}   (written to {output})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guide-mega", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    doctor = commands.add_parser("doctor", help="report torch, CUDA, Triton, the C++ op, Megatron, SGLang and GPUs")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(run=_doctor)
+
+    analyze = commands.add_parser(
+        "analyze", help="split a pass@1 change into self-distillation, capability gain and forgetting"
+    )
+    analyze.add_argument("--before", required=True, help="evaluation results JSON before training")
+    analyze.add_argument("--after", required=True, help="evaluation results JSON after training (same problems)")
+    analyze.add_argument("--k", type=int, default=16, help="k of the 'within reach' pass@k (paper: 16)")
+    analyze.add_argument("--solved-threshold", type=float, default=0.5, help="pass@1 at which a problem is solved")
+    analyze.add_argument("--reach-threshold", type=float, default=0.5, help="pass@k at which a problem is in reach")
+    analyze.add_argument("--output", default="analysis", help="directory for decomposition.json and the plots")
+    analyze.set_defaults(run=_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as exc:
+        print(f"guide-mega {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The guide-mega command: doctor's report and analyze's files and errors."""
+
+import json
+
+from guide_mega.cli import main
+from guide_mega.evaluation.passk import EvalResults, ProblemResult
+
+
+def test_doctor_json_reports_hot_paths(capsys):
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["hot_paths"]["group_advantages"] in ("cpp", "reference")
+    assert report["torch"] and "megatron-core" in report["packages"]
+
+
+def _write(path, counts):
+    EvalResults(problems=[ProblemResult(id=f"p{i}", num_samples=4, num_correct=c) for i, c in enumerate(counts)]).save(
+        path
+    )
+
+
+def test_analyze_writes_decomposition_and_plots(tmp_path, capsys):
+    _write(tmp_path / "before.json", [0, 1, 3])
+    _write(tmp_path / "after.json", [3, 4, 0])
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--before", str(tmp_path / "before.json"), "--after", str(tmp_path / "after.json")]
+    assert main(argv + ["--k", "2", "--output", str(out)]) == 0
+    values = json.loads((out / "decomposition.json").read_text())
+    assert (values["capability_gain"], values["self_distillation"], values["forgetting"]) == (1, 1, 1)
+    assert (out / "decomposition.png").exists() and (out / "pass_at_k.png").exists()
+    assert "capability_gain" in capsys.readouterr().out
+
+
+def test_analyze_bad_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("[]")
+    assert main(["analyze", "--before", str(tmp_path / "bad.json"), "--after", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err
