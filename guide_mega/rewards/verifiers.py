@@ -1,0 +1,167 @@
+"""Reward functions by name: math (math-verify), exact match, and reasoning-gym's own scorers.
+
+Every reward function has the signature `fn(response, *, answer, metadata, options) -> RewardResult`. They run
+inside the worker processes of `RewardPool` (on the worker's main thread, which math-verify's signal-based
+timeouts need), or directly in tests. A response is *correct* when the verifier accepts its extracted answer; the
+reward is 1 for correct, plus `format_bonus` for a well-formatted response, and 0 when the format gate rejects it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from guide_mega.rewards.answers import ExtractedAnswer, extract_answer, extract_boxed, is_well_formatted
+
+RewardStatus = Literal["ok", "timeout", "error"]
+
+# Key of Prompt.metadata holding the reasoning-gym entry ({question, answer, metadata}) its scorer needs.
+REASONING_GYM_ENTRY_KEY = "reasoning_gym_entry"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardOptions:
+    lenient: bool = False
+    """Fall back to the last number in the response when it marks no answer (for very small models)."""
+    format_gate: bool = False
+    """Reward 0 (and not correct) unless `is_well_formatted(response)`."""
+    format_bonus: float = 0.0
+    """Added to the reward of a well-formatted response."""
+    verify_timeout_s: int = 2
+    """math-verify's own per-operation timeout inside the worker (whole seconds: it uses signal.alarm)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardResult:
+    reward: float
+    correct: bool
+    is_formatted: bool
+    extracted: str | None = None
+    status: RewardStatus = "ok"
+    """ok, or timeout / error: verification did not finish, the reward is 0 and the pool counts it."""
+    error: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardTask:
+    """One response to score, as sent to a worker process (everything in it must pickle)."""
+
+    reward_name: str
+    response: str
+    answer: str | list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    options: RewardOptions = field(default_factory=RewardOptions)
+
+
+def failed_result(status: RewardStatus, error: str) -> RewardResult:
+    """Reward 0 for a response whose verification timed out or raised."""
+    return RewardResult(reward=0.0, correct=False, is_formatted=False, status=status, error=error)
+
+
+def _finish(response: str, extracted: ExtractedAnswer | None, correct: bool, options: RewardOptions) -> RewardResult:
+    is_formatted = is_well_formatted(response)
+    text = extracted.text if extracted is not None else None
+    if options.format_gate and not is_formatted:
+        return RewardResult(reward=0.0, correct=False, is_formatted=False, extracted=text)
+    reward = float(correct) + (options.format_bonus if is_formatted else 0.0)
+    return RewardResult(reward=reward, correct=correct, is_formatted=is_formatted, extracted=text)
+
+
+def _ground_truths(answer: str | list[str]) -> list[str]:
+    """Ground-truth strings, with a surrounding `\\boxed{}` removed (the authors' data sometimes has one)."""
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    return [extract_boxed(text) or text.strip() for text in answers]
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split()).rstrip(".").lower()
+
+
+def math_reward(
+    response: str, *, answer: str | list[str], metadata: dict[str, Any], options: RewardOptions
+) -> RewardResult:
+    """Correct if math-verify finds the extracted answer equivalent to any ground truth (exact text first)."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    extracted = extract_answer(response, lenient=options.lenient)
+    if extracted is None:
+        return _finish(response, None, False, options)
+    truths = _ground_truths(answer)
+    if _normalize(extracted.text) in {_normalize(truth) for truth in truths}:
+        return _finish(response, extracted, True, options)
+    timeout_s = options.verify_timeout_s
+    try:
+        # Both sides go through \boxed{} so math-verify parses exactly the extracted text, not a guess at it.
+        # raise_on_error: math-verify otherwise turns its own timeouts into a silent "incorrect".
+        predicted = parse(f"\\boxed{{{extracted.text}}}", parsing_timeout=timeout_s, raise_on_error=True)
+        correct = any(
+            verify(
+                parse(f"\\boxed{{{truth}}}", parsing_timeout=timeout_s, raise_on_error=True),
+                predicted,
+                timeout_seconds=timeout_s,
+                raise_on_error=True,
+            )
+            for truth in truths
+        )
+    except TimeoutException as exc:
+        return failed_result("timeout", f"math-verify timed out: {exc}")
+    return _finish(response, extracted, correct, options)
+
+
+def exact_match_reward(
+    response: str, *, answer: str | list[str], metadata: dict[str, Any], options: RewardOptions
+) -> RewardResult:
+    """Correct if the extracted answer equals a ground truth up to whitespace, case and a final period."""
+    extracted = extract_answer(response, lenient=options.lenient)
+    truths = {_normalize(truth) for truth in _ground_truths(answer)}
+    correct = extracted is not None and _normalize(extracted.text) in truths
+    return _finish(response, extracted, correct, options)
+
+
+@functools.cache
+def _reasoning_gym_scorer(task: str) -> Callable[[str | None, dict], float]:
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(task)
+
+
+def reasoning_gym_reward(
+    response: str, *, answer: str | list[str], metadata: dict[str, Any], options: RewardOptions
+) -> RewardResult:
+    """Correct if the task's own reasoning-gym scorer gives the extracted answer full marks (score >= 1)."""
+    entry = metadata.get(REASONING_GYM_ENTRY_KEY)
+    if entry is None:
+        raise KeyError(f"reasoning_gym reward: prompt metadata has no {REASONING_GYM_ENTRY_KEY!r} entry")
+    extracted = extract_answer(response, lenient=options.lenient)
+    task = entry["metadata"]["source_dataset"]
+    score = _reasoning_gym_scorer(task)(extracted.text if extracted is not None else None, entry)
+    return _finish(response, extracted, math.isfinite(score) and score >= 1.0, options)
+
+
+RewardFn = Callable[..., RewardResult]
+
+REWARD_FNS: dict[str, RewardFn] = {
+    "math": math_reward,
+    "exact_match": exact_match_reward,
+    "reasoning_gym": reasoning_gym_reward,
+}
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    """The reward function registered under `name`."""
+    if name not in REWARD_FNS:
+        raise KeyError(f"reward.name: unknown reward {name!r}; registered: {sorted(REWARD_FNS)}")
+    return REWARD_FNS[name]
+
+
+def score_task(task: RewardTask) -> RewardResult:
+    """Score one task in this process; an exception in the verifier becomes an error result, never a crash."""
+    reward_fn = get_reward_fn(task.reward_name)
+    try:
+        return reward_fn(task.response, answer=task.answer, metadata=task.metadata, options=task.options)
+    except Exception as exc:  # a verifier bug on one odd response must not stop the training step
+        return failed_result("error", f"{type(exc).__name__}: {exc}")
