@@ -1,0 +1,125 @@
+"""The rollout-engine seam: sampling parameters, completions, the `RolloutEngine` protocol, weight buckets.
+
+Logprob convention (every engine returns exactly this):
+
+    logprobs[t] = log_softmax(logits_t / T)[response_ids[t]]
+
+the log-probability of the sampled token under the temperature-scaled distribution, *before* top-k / top-p
+truncation (T = 1 for greedy decoding). It is what the trainer computes for the same tokens with its temperature,
+so rollout and trainer logprobs compare directly, and it is SGLang's default (its `return_logprob` output without
+SGLANG_RETURN_ORIGINAL_LOGPROB). With top-k or top-p active, the probability a token was actually sampled with is
+higher by the kept mass of the truncated distribution; that renormalization is deliberately not included.
+
+Weights reach an engine as an iterator of (hf_name, tensor) pairs, in HF checkpoint naming; the engine never
+sees the training backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from guide_mega.config import RolloutConfig
+from guide_mega.types import FinishReason
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 or 0 disables top-k."""
+    max_new_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    """Stop strings besides end-of-sequence; the response keeps the tokens that complete one."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a response like end-of-sequence does (kept in the response)."""
+    seed: int | None = None
+    """Seed for the engine's sampler; None leaves it unseeded."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < -1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling parameters: {self}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_config(cls, config: RolloutConfig, *, seed: int | None = None) -> SamplingParams:
+        return cls(
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
+            max_new_tokens=config.max_new_tokens,
+            stop=tuple(config.stop),
+            seed=seed,
+        )
+
+
+@dataclass(kw_only=True)
+class Completion:
+    """One sampled response."""
+
+    response_ids: list[int]
+    """Sampled tokens, including the end-of-sequence token or the tokens completing a stop string."""
+    logprobs: list[float]
+    """Per response token, under the convention in this module's docstring."""
+    finish_reason: FinishReason
+    """stop (end-of-sequence or a stop string), length (max_new_tokens reached) or abort."""
+    text: str = ""
+    """The decoded response, special tokens removed."""
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.logprobs) != len(self.response_ids):
+            raise ValueError(f"completion has {len(self.logprobs)} logprobs for {len(self.response_ids)} tokens")
+
+
+class RolloutEngine(Protocol):
+    """What the trainer needs from an inference engine."""
+
+    def generate(self, requests: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Completion]:
+        """One completion per request (a prompt's token ids), in request order."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights, given in HF naming; afterwards generate samples from them."""
+        ...
+
+    def sleep(self) -> None:
+        """Release accelerator memory (weights and KV cache) while the policy trains."""
+        ...
+
+    def wake(self) -> None:
+        """Take the memory back; generate works again."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def bucket_named_tensors(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Groups of consecutive (name, tensor) pairs of at most `bucket_bytes` each (a larger tensor goes alone).
+
+    Sending weights in buckets bounds the extra memory of an update to one bucket while keeping the number of
+    engine calls small.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket

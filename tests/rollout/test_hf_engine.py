@@ -1,0 +1,127 @@
+"""HFEngine on a tiny random Llama: logprobs equal a teacher-forced forward, stops, batching, weight updates."""
+
+import pytest
+import torch
+
+from guide_mega.rollout.engine import Completion, SamplingParams, bucket_named_tensors
+from guide_mega.rollout.hf_engine import HFEngine
+
+from .conftest import make_tiny_llama
+
+# fp32 on CPU: generate (KV cache, left padding) and a plain forward differ only by summation order.
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    torch.set_num_threads(2)
+    return HFEngine(tiny_model_dir, batch_size=8)
+
+
+def teacher_forced_logits(model, prompt, response):
+    """[R, V] logits that predicted each response token, from one unpadded forward over prompt + response."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(prompt) + list(response)])).logits[0].float()
+    return logits[len(prompt) - 1 : len(prompt) + len(response) - 1]
+
+
+def check_logprobs(model, prompt, completion, temperature):
+    logits_RV = teacher_forced_logits(model, prompt, completion.response_ids)
+    expected_R = torch.log_softmax(logits_RV / temperature, dim=-1).gather(
+        1, torch.tensor(completion.response_ids)[:, None]
+    )[:, 0]
+    torch.testing.assert_close(torch.tensor(completion.logprobs), expected_R, atol=LOGPROB_ATOL, rtol=0)
+    return logits_RV
+
+
+def test_greedy_tokens_and_logprobs_match_a_forward_pass(engine, prompt_ids):
+    completions = engine.generate(prompt_ids, SamplingParams(temperature=0, max_new_tokens=12))
+    assert len(completions) == len(prompt_ids)
+    for prompt, completion in zip(prompt_ids, completions, strict=True):
+        assert completion.finish_reason == "length" and len(completion.response_ids) == 12
+        logits_RV = check_logprobs(engine.model, prompt, completion, temperature=1.0)
+        assert completion.response_ids == logits_RV.argmax(-1).tolist()
+        assert completion.text == engine.tokenizer.decode(completion.response_ids, skip_special_tokens=True)
+
+
+def test_sampled_logprobs_are_temperature_scaled_and_untruncated(engine, prompt_ids):
+    sampling = SamplingParams(temperature=0.7, top_k=5, top_p=0.95, max_new_tokens=10, seed=3)
+    completions = engine.generate(prompt_ids, sampling)
+    for prompt, completion in zip(prompt_ids, completions, strict=True):
+        logits_RV = check_logprobs(engine.model, prompt, completion, temperature=0.7)
+        top5_RK = logits_RV.topk(5, dim=-1).indices
+        assert all(token in top5_RK[step] for step, token in enumerate(completion.response_ids))
+    again = engine.generate(prompt_ids, sampling)
+    assert [c.response_ids for c in again] == [c.response_ids for c in completions]
+
+
+def test_batching_does_not_change_results(tiny_model_dir, prompt_ids):
+    sampling = SamplingParams(temperature=0, max_new_tokens=6)
+    requests = prompt_ids + prompt_ids[:3]
+    one_by_one = HFEngine(tiny_model_dir, batch_size=1).generate(requests, sampling)
+    batched = HFEngine(tiny_model_dir, batch_size=3).generate(requests, sampling)
+    assert [c.response_ids for c in batched] == [c.response_ids for c in one_by_one]
+    for left, right in zip(batched, one_by_one, strict=True):
+        torch.testing.assert_close(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_stop_token_and_stop_string_end_each_sequence_where_it_completes(engine, prompt_ids):
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    reference = engine.generate(prompt_ids, greedy)
+    stop_token = reference[0].response_ids[4]
+    stopped = engine.generate(
+        prompt_ids, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop_token,))
+    )
+    for full, completion in zip(reference, stopped, strict=True):
+        if stop_token in full.response_ids:
+            cut = full.response_ids.index(stop_token) + 1
+            assert (completion.response_ids, completion.finish_reason) == (full.response_ids[:cut], "stop")
+            assert completion.logprobs == pytest.approx(full.logprobs[:cut], abs=LOGPROB_ATOL)
+        else:
+            assert completion.response_ids == full.response_ids and completion.finish_reason == "length"
+    stop_text = engine.tokenizer.decode(reference[1].response_ids[2:4])
+    by_string = engine.generate(prompt_ids[1:2], SamplingParams(temperature=0, max_new_tokens=12, stop=(stop_text,)))[0]
+    assert by_string.finish_reason == "stop" and stop_text in by_string.text
+    assert stop_text not in engine.tokenizer.decode(by_string.response_ids[:-1])
+    assert by_string.response_ids == reference[1].response_ids[: len(by_string.response_ids)]
+
+
+def test_update_weights_in_place_matches_a_fresh_engine(tiny_model_dir, smollm2_tokenizer, prompt_ids, tmp_path):
+    other = make_tiny_llama(smollm2_tokenizer, seed=1)
+    other.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    expected = HFEngine(tmp_path).generate(prompt_ids, greedy)
+    engine = HFEngine(tiny_model_dir)
+    assert [c.response_ids for c in engine.generate(prompt_ids, greedy)] != [c.response_ids for c in expected]
+    for bucket in bucket_named_tensors(iter(other.state_dict().items()), bucket_bytes=1 << 20):
+        engine.update_weights(bucket)
+    updated = engine.generate(prompt_ids, greedy)
+    assert [c.response_ids for c in updated] == [c.response_ids for c in expected]
+    for left, right in zip(updated, expected, strict=True):
+        torch.testing.assert_close(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=LOGPROB_ATOL, rtol=0)
+    engine.update_weights([("model.norm.weight", torch.full((64,), 0.5, dtype=torch.bfloat16))])
+    assert engine.model.model.norm.weight.dtype == torch.float32
+    assert torch.equal(engine.model.model.norm.weight, torch.full((64,), 0.5))
+    with pytest.raises(KeyError, match="'model.nope.weight' is not a parameter"):
+        engine.update_weights([("model.nope.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="'model.norm.weight' has shape \\(3,\\)"):
+        engine.update_weights([("model.norm.weight", torch.zeros(3))])
+
+
+def test_sleep_wake_close(engine, prompt_ids):
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompt_ids, SamplingParams(max_new_tokens=2))
+    engine.wake()
+    assert len(engine.generate(prompt_ids[:1], SamplingParams(max_new_tokens=2))[0].response_ids) == 2
+
+
+def test_bucketing_and_record_checks():
+    named = [(f"w{index}", torch.zeros(size)) for index, size in enumerate([3, 3, 10, 1])]
+    buckets = list(bucket_named_tensors(named, bucket_bytes=24))
+    assert [[name for name, _ in bucket] for bucket in buckets] == [["w0", "w1"], ["w2"], ["w3"]]
+    with pytest.raises(ValueError, match="2 logprobs for 1 tokens"):
+        Completion(response_ids=[1], logprobs=[0.0, 0.0], finish_reason="stop")
+    with pytest.raises(ValueError, match="invalid sampling parameters"):
+        SamplingParams(top_p=0.0)
