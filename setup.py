@@ -4,6 +4,7 @@ The C++/CUDA extension guide_mega._C is built from csrc/ when torch is importabl
 (install with --no-build-isolation); a failed or impossible compile never breaks the install.
 """
 
+import os
 import sys
 
 from setuptools import find_packages, setup
@@ -16,6 +17,8 @@ _EXTENSION_NAME = "guide_mega._C"
 _CPU_SOURCES = ["csrc/module.cpp", "csrc/group_advantages.cpp"]
 _CUDA_SOURCES = ["csrc/group_advantages_cuda.cu"]
 _CXX_FLAGS = ["-O3"]
+# The public Extension fields that differ between torch's CUDAExtension and CppExtension.
+_EXTENSION_FIELDS = ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args", "extra_link_args")
 
 
 def _warn(message: str) -> None:
@@ -28,32 +31,43 @@ def _optional_build_ext(cpp_extension):
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         def run(self) -> None:
+            # build_ext.run swaps the compiler option (a name) for a compiler object; a retry needs the name back.
+            compiler_option = self.compiler
+            error = self._try_run()
+            if error is not None and any(src.endswith(".cu") for ext in self.extensions for src in ext.sources):
+                _warn(f"building {_EXTENSION_NAME} with CUDA failed ({error}); retrying for CPU only")
+                self.compiler = compiler_option
+                self._drop_cuda()
+                error = self._try_run()
+            if error is not None:
+                _warn(f"building {_EXTENSION_NAME} failed ({error}); group advantages will use the eager reference")
+
+        def _drop_cuda(self) -> None:
+            # Reconfigure the extension objects in place: finalize_options attached build state to them.
+            cpu_extension = cpp_extension.CppExtension(_EXTENSION_NAME, _CPU_SOURCES, extra_compile_args=_CXX_FLAGS)
+            for extension in self.extensions:
+                for field in _EXTENSION_FIELDS:
+                    setattr(extension, field, getattr(cpu_extension, field))
+
+        def _try_run(self) -> Exception | None:
             try:
                 super().run()
-                return
             except Exception as exc:  # any compiler or toolchain error: the install must go on without _C
-                error = exc
-            has_cuda_sources = any(src.endswith(".cu") for ext in self.extensions for src in ext.sources)
-            if has_cuda_sources:
-                _warn(f"building {_EXTENSION_NAME} with CUDA failed ({error}); retrying for CPU only")
-                self.extensions = [
-                    cpp_extension.CppExtension(_EXTENSION_NAME, _CPU_SOURCES, extra_compile_args=_CXX_FLAGS)
-                ]
-                try:
-                    super().run()
-                    return
-                except Exception as exc:  # same reason as above
-                    error = exc
-            _warn(f"building {_EXTENSION_NAME} failed ({error}); group advantages will use the eager reference")
+                return exc
+            return None
 
     return OptionalBuildExt
 
 
 def _extension_setup_args() -> dict:
-    """ext_modules and cmdclass that build guide_mega._C, or none when torch is not importable at build time.
+    """ext_modules and cmdclass that build guide_mega._C, or none when torch is not importable at build time or
+    GUIDE_MEGA_SKIP_EXTENSION=1 (for builds that test only the packaging).
 
     CUDA sources join when torch is a CUDA build and the CUDA toolkit (nvcc) is found.
     """
+    if os.environ.get("GUIDE_MEGA_SKIP_EXTENSION") == "1":
+        _warn(f"GUIDE_MEGA_SKIP_EXTENSION=1: skipping {_EXTENSION_NAME}")
+        return {}
     try:
         import torch
         from torch.utils import cpp_extension
