@@ -22,10 +22,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -m pip install --quiet --no-build-isolation --no-deps -e . || echo "gpu_check: editable install failed" >&2
 
 failures=()
-"$PY" -m pytest -m gpu -q -rs 2>&1 | tee "$RESULTS/gpu_tests_${STAMP}.log"
+"$PY" -m pytest -q -rs -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests_${STAMP}.log"
 rc=${PIPESTATUS[0]}
 # Exit 5 means no GPU test was collected (none written yet for some paths): not a failure of this check.
 [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || failures+=("pytest -m gpu")
+# The kernel tests run on CUDA tensors (compiled Triton, not the interpreter) wherever a GPU is visible.
+"$PY" -m pytest -q -rs tests/kernels tests/csrc 2>&1 | tee "$RESULTS/gpu_kernel_tests_${STAMP}.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failures+=("pytest tests/kernels tests/csrc")
 
 for bench in benchmarks/bench_*.py; do
   echo "== $bench --device cuda"

@@ -1,6 +1,5 @@
 """The top-level kernels/ folder installs as guide_mega.kernels, never as a top-level `kernels` module."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,10 +17,12 @@ def test_editable_install_resolves_kernels_inside_the_package():
     assert Path(guide_mega.kernels.__file__).resolve().parent == REPO / "kernels"
 
 
-def test_no_top_level_kernels_module_from_this_repo():
-    spec = importlib.util.find_spec("kernels")
+def test_no_top_level_kernels_module_from_this_repo(tmp_path):
+    # Look it up from a neutral directory: `python -m` would put the repo root (holding kernels/) on sys.path.
+    probe = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else '')"
+    origin = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
     # The HF `kernels` package may legitimately be installed; ours must never be what `import kernels` finds.
-    assert spec is None or not str(spec.origin or "").startswith(str(REPO))
+    assert not origin.stdout.strip().startswith(str(REPO))
 
 
 @pytest.mark.slow

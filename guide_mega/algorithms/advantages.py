@@ -76,10 +76,15 @@ def group_advantages_reference(
     sizes_G = torch.zeros(num_groups, dtype=torch.float64, device=rewards_N.device).index_add_(
         0, ids_N, torch.ones_like(rewards64_N)
     )
-    sums_G = torch.zeros_like(sizes_G).index_add_(0, ids_N, rewards64_N)
-    mean_G = sums_G / sizes_G.clamp(min=1)
-    # Two-pass variance: centre first, then square, so rewards far from 0 lose no precision.
-    centred_N = rewards64_N - mean_G[ids_N]
+    # Shift each group by one of its own rewards (its lowest-index member) before summing: rewards such as
+    # 1e6 + small noise then lose no precision in the mean, and a constant group centres to exactly 0.
+    index_N = torch.arange(ids_N.numel(), device=ids_N.device)
+    first_G = torch.zeros(num_groups, dtype=torch.int64, device=ids_N.device)
+    first_G = first_G.scatter_reduce(0, ids_N, index_N, "amin", include_self=False)
+    shifted_N = rewards64_N - rewards64_N[first_G[ids_N]]
+    mean_shifted_G = torch.zeros_like(sizes_G).index_add_(0, ids_N, shifted_N) / sizes_G.clamp(min=1)
+    # Two-pass variance: centre first, then square.
+    centred_N = shifted_N - mean_shifted_G[ids_N]
     sq_G = torch.zeros_like(sizes_G).index_add_(0, ids_N, centred_N * centred_N)
     size_N = sizes_G[ids_N]
     max_G = torch.full_like(sizes_G, -torch.inf).scatter_reduce(0, ids_N, rewards64_N, "amax")
@@ -108,7 +113,7 @@ def _load_op() -> bool:
             import guide_mega._C  # noqa: F401  (registers torch.ops.guide_mega.*)
 
             _OP_STATE["available"] = hasattr(torch.ops.guide_mega, "group_advantages")
-        except (ImportError, OSError) as exc:
+        except (ImportError, OSError, RuntimeError) as exc:  # RuntimeError: a clashing op library
             _OP_STATE["error"] = repr(exc)
         if not _OP_STATE["available"]:
             warnings.warn(
