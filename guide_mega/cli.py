@@ -1,4 +1,4 @@
-"""The `guide-mega` command: doctor and analyze (train, eval and convert join as their backends land)."""
+"""The `guide-mega` command: train, doctor and analyze (eval and convert join as their backends land)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,45 @@ import json
 import sys
 from pathlib import Path
 
+# Panels of the training-curves PNG written after `train`.
+CURVE_KEYS = [
+    "rollout/reward_mean",
+    "guide/num_unsolved_groups",
+    "guide/guided_success_rate",
+    "guide/hint_reliance",
+    "loss",
+]
+
 
 def _doctor(args: argparse.Namespace) -> int:
     from guide_mega.doctor import collect_report, format_report
 
     report = collect_report()
     print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from guide_mega.config import load_config
+    from guide_mega.evaluation.plots import plot_training_curves
+    from guide_mega.trainer import build_trainer, latest_checkpoint
+
+    config = load_config(args.config, args.overrides)
+    trainer = build_trainer(config)
+    checkpoint = latest_checkpoint(trainer.checkpoint_root(), mode=config.checkpoint.resume)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    try:
+        trainer.fit()
+    finally:
+        trainer.run_log.close()
+        trainer.close()
+    if trainer.is_main and trainer.run_log.rows:
+        run_dir = Path(config.logging.run_dir)
+        table = trainer.run_log.summary_table()
+        (run_dir / "summary.md").write_text(table)
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", keys=CURVE_KEYS)
+        print(table + f"\nmetrics, TensorBoard events, summary.md and curves.png are in {run_dir}")
     return 0
 
 
@@ -43,6 +76,11 @@ def _analyze(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guide-mega", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run RL training (GRPO, Filter-GRPO, Guide-GRPO) from a YAML config")
+    train.add_argument("--config", required=True, help="YAML config; see docs/configuration.md")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.guide.threshold=0.125")
+    train.set_defaults(run=_train)
 
     doctor = commands.add_parser("doctor", help="report torch, CUDA, Triton, the C++ op, Megatron, SGLang and GPUs")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -209,6 +209,8 @@ class RewardConfig:
     """Score 0 unless the response has exactly one final answer in the expected format."""
     format_bonus: float = ranged(0.0, ge=0.0)
     """Added to the reward of a well-formatted response (correctness still decides 'solved')."""
+    lenient: bool = False
+    """Take the last number of a response that marks no answer (for very small models that never write one)."""
 
 
 @dataclass(kw_only=True)

@@ -6,6 +6,7 @@ and to the verifier through `RewardPool`; the Guide decisions themselves live in
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,6 +105,12 @@ class ExperienceCollector:
         self.engine, self.reward_pool, self.tokenize = engine, reward_pool, tokenize
         self.algorithm, self.sampling, self.group_size = algorithm, sampling, group_size
         self.generated_tokens = 0
+        self.reward_seconds = 0.0
+
+    def _score(self, groups: list[RolloutGroup]) -> None:
+        start = time.perf_counter()
+        self.reward_pool.score_groups(groups)
+        self.reward_seconds += time.perf_counter() - start
 
     def _first_wave(self, prompts: list[Prompt]) -> list[RolloutGroup]:
         prompt_ids = [self.tokenize(prompt.prompt) for prompt in prompts]
@@ -111,7 +118,7 @@ class ExperienceCollector:
             self.engine, prompts, prompt_ids, prompt_ids, sampling=self.sampling, group_size=self.group_size,
             is_guided=False,
         )  # fmt: skip
-        self.reward_pool.score_groups(groups)
+        self._score(groups)
         self.generated_tokens += _num_tokens(groups)
         return groups
 
@@ -132,7 +139,7 @@ class ExperienceCollector:
                 group_size=self.group_size,
                 is_guided=True,
             )
-            self.reward_pool.score_groups(waves)
+            self._score(waves)
             self.generated_tokens += _num_tokens(waves)
             metrics.update(_rollout_metrics(waves, "guided"))
             guided = dict(zip(plan.group_indices, waves, strict=True))
@@ -147,7 +154,7 @@ class ExperienceCollector:
         """Groups for `num_prompts` prompts; with Filter-GRPO, more rounds until that many groups have variance."""
         experience = Experience(groups=[])
         metrics = experience.metrics
-        self.generated_tokens = 0
+        self.generated_tokens, self.reward_seconds = 0, 0.0
         rounds = 0
         while len(experience.groups) < num_prompts:
             groups = self._first_wave(next_prompts(num_prompts - len(experience.groups)))

@@ -1,0 +1,268 @@
+"""The RL loop (DESIGN.md §2): rollouts, rewards, Guide's second wave, advantages, train step, weight sync.
+
+Every rank runs this SPMD under torchrun. The rollout engine, the reward pool and the logs live on global rank 0;
+rank 0 builds the step's TrainBatch and broadcasts it, every rank trains its model shard, and the exported weights
+(a collective) reach rank 0's engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from guide_mega.config import Config
+from guide_mega.data.batch import build_train_batch, sequence_advantages
+from guide_mega.experience import Experience, ExperienceCollector
+from guide_mega.rollout.engine import SamplingParams, bucket_named_tensors
+from guide_mega.run_log import NullRunLog, RunLog
+from guide_mega.types import TrainBatch
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast_object(value: object) -> object:
+    """`value` from rank 0 on every rank (a no-op in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (rollout, reward, old logprobs, train, weight sync)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{phase}_s": value for phase, value in self.seconds.items()}
+
+
+def rng_state() -> dict:
+    """The Python, NumPy and torch RNG states as plain lists (checkpoint metadata stays JSON-safe)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured, so sampling after a resume continues identically."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+class Trainer:
+    """Owns one run: the policy (every rank), and on rank 0 the engine, rewards, prompt loader and logs."""
+
+    def __init__(self, config: Config, *, policy, collector: ExperienceCollector | None, loader, run_log) -> None:
+        self.config, self.policy, self.collector, self.loader = config, policy, collector, loader
+        self.run_log = run_log if run_log is not None else NullRunLog()
+        self.is_main = _rank() == 0
+        self.step_index = 0
+        self._stop_requested = False
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def _sampling(self) -> SamplingParams:
+        # A seed per step makes a resumed run sample exactly what the uninterrupted run would have.
+        return dataclasses.replace(self.collector.sampling, seed=self.config.train.seed * 1_000_003 + self.step_index)
+
+    def _collect(self, timer: PhaseTimer) -> tuple[TrainBatch | None, dict[str, float]]:
+        """Rank 0: the step's experience packed into a TrainBatch (None when no group survived filtering)."""
+        self.collector.sampling = self._sampling()
+        with timer("rollout"):
+            experience: Experience = self.collector.collect(self.loader.next_batch, self.config.train.prompts_per_step)
+        metrics = {**experience.metrics, **self.loader.metrics, **self.collector.reward_pool.metrics}
+        timer.seconds["reward"] = self.collector.reward_seconds
+        timer.seconds["rollout"] -= self.collector.reward_seconds
+        metrics["perf/rollout_tokens_per_s"] = experience.num_generated_tokens / max(timer.seconds["rollout"], 1e-9)
+        if not experience.groups:
+            return None, metrics
+        advantages_S = sequence_advantages(experience.groups, self.config.algorithm)
+        return build_train_batch(experience.groups, advantages_S), metrics
+
+    def step(self) -> dict[str, float]:
+        """One RL step; returns its metrics (identical on every rank)."""
+        timer = PhaseTimer()
+        start = time.perf_counter()
+        batch, metrics = self._collect(timer) if self.is_main else (None, {})
+        batch, metrics = _broadcast_object((batch, metrics))
+        if batch is None:
+            self.run_log.message(f"step {self.step_index}: no group with reward variance; training skipped")
+            metrics["train/skipped_step"] = 1.0
+        else:
+            with timer("old_logprobs"):
+                self.policy.compute_old_logprobs(batch)
+            metrics.update(_logprob_mismatch(batch))
+            with timer("train"):
+                metrics.update(self.policy.train(batch))
+            with timer("weight_sync"):
+                self._sync_weights()
+            num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.response_ids_T.numel()
+            metrics["perf/train_tokens_per_s"] = num_tokens / max(timer.seconds["train"], 1e-9)
+            metrics["train/skipped_step"] = 0.0
+        metrics.update(timer.metrics())
+        metrics["time/step_s"] = time.perf_counter() - start
+        return metrics
+
+    def _sync_weights(self) -> None:
+        """Push the updated weights to the engine in buckets; every rank takes part in the export."""
+        bucket_bytes = self.config.rollout.weight_bucket_mb << 20
+        named_tensors = self.policy.export_hf_weights(bucket_bytes=bucket_bytes)
+        if self.collector is None:
+            for _ in named_tensors:  # other ranks still join each bucket's collectives
+                pass
+            return
+        for bucket in bucket_named_tensors(named_tensors, bucket_bytes=bucket_bytes):
+            self.collector.engine.update_weights(bucket)
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def checkpoint_root(self) -> Path:
+        configured = self.config.checkpoint.dir
+        return Path(configured) if configured else Path(self.config.logging.run_dir) / "checkpoints"
+
+    def save(self) -> Path:
+        """Checkpoint policy, optimizer and the loop's state (data position, RNG) at the current step."""
+        extra = _broadcast_object({"loader": self.loader.state_dict(), "rng": rng_state()} if self.is_main else None)
+        path = self.policy.save_checkpoint(self.checkpoint_root(), self.step_index, extra=extra)
+        if self.config.checkpoint.export_hf:
+            self.policy.save_hf(Path(path) / "hf")
+        from guide_mega.training.checkpoint import prune_checkpoints
+
+        prune_checkpoints(self.checkpoint_root(), keep_last=self.config.checkpoint.keep_last)
+        self.run_log.message(f"checkpoint: {path}")
+        return Path(path)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint: weights and optimizer, data position, RNG, and the engine's weights."""
+        self.step_index, extra = self.policy.load_checkpoint(path)
+        if self.is_main:
+            self.loader.load_state_dict(extra["loader"])
+            set_rng_state(extra["rng"])
+        self._sync_weights()
+        self.run_log.message(f"resumed from {path} at step {self.step_index}")
+
+    def close(self) -> None:
+        """Stop the reward workers and release the engine (rank 0)."""
+        if self.collector is not None:
+            self.collector.reward_pool.close()
+            self.collector.engine.close()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Slurm sends SIGTERM before preemption or the time limit: finish the step, save, stop.
+        self._stop_requested = True
+
+    def fit(self) -> None:
+        """Run until train.steps, checkpointing every checkpoint.every steps, at the end and on SIGTERM."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        every = self.config.checkpoint.every
+        try:
+            while self.step_index < self.config.train.steps:
+                metrics = self.step()
+                self.step_index += 1
+                self.run_log.log(self.step_index, metrics)
+                stop = bool(_broadcast_object(self._stop_requested))
+                if stop or (every and self.step_index % every == 0):
+                    self.save()
+                if stop:
+                    self.run_log.message("SIGTERM: checkpoint written, stopping")
+                    return
+            if not every or self.step_index % every:
+                self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def latest_checkpoint(root: Path, *, mode: str) -> Path | None:
+    """The checkpoint to resume from under checkpoint.resume = auto | never | must."""
+    if mode == "never":
+        return None
+    from guide_mega.training.checkpoint import list_checkpoints
+
+    found = list_checkpoints(root) if root.is_dir() else []
+    if not found and mode == "must":
+        raise ValueError(f"checkpoint.resume=must but {root} holds no complete checkpoint")
+    return found[-1] if found else None
+
+
+def _logprob_mismatch(batch: TrainBatch) -> dict[str, float]:
+    """How far the trainer's old logprobs are from the engine's, on tokens sampled under the same context.
+
+    This is the engine/trainer numerics gap (it should be ~0), kept apart from Guide's intended off-policy ratio.
+    """
+    if batch.behaviour_logprobs_T is None or batch.old_logprobs_T is None:
+        return {}
+    diff_T = (batch.old_logprobs_T - batch.behaviour_logprobs_T).abs()
+    return {
+        "rollout/trainer_logprob_abs_diff_mean": float(diff_T.mean()),
+        "rollout/trainer_logprob_abs_diff_max": float(diff_T.max()),
+    }
+
+
+def build_trainer(config: Config) -> Trainer:
+    """Everything a run needs, from its config: on every rank the policy; on rank 0 data, rewards and engine."""
+    from guide_mega.data import PromptLoader, load_prompt_source, render_prompt_ids, resolve_model_path
+    from guide_mega.rewards import RewardPool
+    from guide_mega.rollout.hf_engine import HFEngine
+    from guide_mega.training.policy import MegatronPolicy
+
+    model_dir = resolve_model_path(config.model.path) if _rank() == 0 else None
+    model_dir = _broadcast_object(model_dir)
+    policy = MegatronPolicy(
+        model=dataclasses.replace(config.model, path=str(model_dir)),
+        parallel=config.parallel,
+        algorithm=config.algorithm,
+        optimizer=config.optimizer,
+        train=config.train,
+        total_optimizer_steps=config.train.steps * config.train.mini_batches_per_step,
+        temperature=config.rollout.temperature,
+    )
+    if _rank() != 0:
+        return Trainer(config, policy=policy, collector=None, loader=None, run_log=None)
+    if config.rollout.engine != "hf":
+        raise NotImplementedError("rollout.engine='sglang' is not wired into the trainer yet; use rollout.engine=hf")
+    engine = HFEngine.from_config(model_dir, config.rollout, device="cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = engine.tokenizer
+    prompt_set = load_prompt_source(config.data.source, config.data)
+    loader = PromptLoader.from_config(
+        prompt_set.prompts, config.data, tokenizer=tokenizer, hint_template=config.algorithm.guide.hint_template
+    )
+    collector = ExperienceCollector(
+        engine,
+        RewardPool.from_config(config.reward, lenient=config.reward.lenient),
+        lambda content: render_prompt_ids(tokenizer, content, system_prompt=config.data.system_prompt),
+        algorithm=config.algorithm,
+        sampling=SamplingParams.from_config(config.rollout),
+        group_size=config.rollout.group_size,
+    )
+    trainer = Trainer(config, policy=policy, collector=collector, loader=loader, run_log=None)
+    trainer.run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
+    if prompt_set.num_skipped_rows or prompt_set.num_without_hint:
+        trainer.run_log.message(
+            f"data: {len(prompt_set.prompts)} prompts; {prompt_set.num_skipped_rows} malformed rows skipped; "
+            f"{prompt_set.num_without_hint} problems without a usable hint"
+        )
+    return trainer
