@@ -1,0 +1,204 @@
+"""Checkpoints: Megatron distributed checkpoints for resume, and HF safetensors exports that transformers loads.
+
+A resume checkpoint `<root>/step_<n>` holds the sharded model and distributed-optimizer state (Megatron
+`dist_checkpointing`, every rank writes its shards), the LR scheduler, caller-provided extra state, and
+`guide_mega.json` with the step, the parallel layout and a weight fingerprint. Every checkpoint is written into
+`<root>/.tmp_step_<n>` and renamed when complete, so a crash mid-save leaves no directory that looks valid;
+loading recomputes the fingerprint and refuses a checkpoint whose weights do not match it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from safetensors.torch import save_file
+
+from guide_mega.training.architecture import ModelArchitecture
+from guide_mega.training.distributed import ParallelLayout
+from guide_mega.training.weight_export import iter_hf_weight_buckets
+
+METADATA_FILE = "guide_mega.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Optimizer state sharded exactly as the distributed optimizer holds it: parallel save/load, no gathers; resuming
+# keeps the tensor/pipeline layout (data-parallel size may change).
+_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+# Relative tolerance of the weight fingerprint (a float64 sum of squares; only reduction order can differ).
+_FINGERPRINT_RTOL = 1e-9
+
+
+def _is_global_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def weight_fingerprint(module: torch.nn.Module) -> float:
+    """Sum of squares (float64) of every model weight, each tensor-parallel replica counted once, over all stages."""
+    total = torch.zeros((), dtype=torch.float64)
+    for param in module.parameters():
+        # `shared` marks the last stage's copy of a tied embedding (pipeline parallel), which would count twice.
+        if param_is_not_tensor_parallel_duplicate(param) and not getattr(param, "shared", False):
+            total += param.detach().double().pow(2).sum().cpu()
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else total.device
+        total = total.to(device)
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return float(total)
+
+
+def _sharded_state(module, optimizer, scheduler, extra: dict, *, is_loading: bool) -> dict:
+    model_state = module.sharded_state_dict()
+    return {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=_OPTIMIZER_SHARDING),
+        "scheduler": scheduler.state_dict(),
+        "extra": extra,
+    }
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    module: torch.nn.Module,
+    optimizer,
+    scheduler,
+    layout: ParallelLayout,
+    extra: dict | None = None,
+) -> Path:
+    """Write `<root>/step_<step>` atomically (collective: every rank calls it). Returns the final path."""
+    root = Path(root)
+    final, temporary = root / f"step_{step}", root / f".tmp_step_{step}"
+    if _is_global_rank_zero():
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+    state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
+    dist_checkpointing.save(state, str(temporary))
+    fingerprint = weight_fingerprint(module)
+    _barrier()
+    if _is_global_rank_zero():
+        metadata = {
+            "step": step,
+            "tensor_parallel": layout.tensor,
+            "pipeline_parallel": layout.pipeline,
+            "weight_fingerprint": fingerprint,
+        }
+        (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+    _barrier()
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under root (a metadata file present), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in root.iterdir()
+        if (match := _STEP_DIR.match(path.name)) and (path / METADATA_FILE).is_file()
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def prune_checkpoints(root: str | Path, *, keep_last: int) -> list[Path]:
+    """Delete all but the newest keep_last complete checkpoints (rank 0 deletes); returns the deleted paths."""
+    stale = list_checkpoints(root)[:-keep_last] if keep_last > 0 else []
+    if _is_global_rank_zero():
+        for path in stale:
+            shutil.rmtree(path)
+    _barrier()
+    return stale
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its Adam state before loading into it.
+
+    Without Apex or Transformer Engine, Megatron wraps torch's Adam, which creates its state (including the
+    'step' counter that the distributed optimizer's state_dict requires) only on its first step. Megatron's own
+    dummy-state initialiser does exactly that; the loaded checkpoint then overwrites every value.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if len(inner.optimizer.state) == 0:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, scheduler, layout: ParallelLayout):
+    """Restore model, optimizer and scheduler from a checkpoint directory; returns (step, extra).
+
+    Raises ValueError naming the checkpoint when it is incomplete, was written with another tensor/pipeline
+    layout, or its loaded weights do not match the recorded fingerprint.
+    """
+    path = Path(path)
+    metadata_path = path / METADATA_FILE
+    if not metadata_path.is_file():
+        raise ValueError(f"checkpoint {path} is incomplete: {METADATA_FILE} is missing")
+    metadata = json.loads(metadata_path.read_text())
+    saved_layout = (metadata["tensor_parallel"], metadata["pipeline_parallel"])
+    if saved_layout != (layout.tensor, layout.pipeline):
+        raise ValueError(f"checkpoint {path} has (TP, PP) {saved_layout}, this run {(layout.tensor, layout.pipeline)}")
+    _materialise_optimizer_state(optimizer)
+    state = _sharded_state(module, optimizer, scheduler, {}, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    # fp32 master weights are views of the model parameters: copy into them without recording autograd history.
+    with torch.no_grad():
+        module.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    fingerprint = weight_fingerprint(module)
+    expected = metadata["weight_fingerprint"]
+    if abs(fingerprint - expected) > _FINGERPRINT_RTOL * max(abs(expected), 1.0):
+        raise ValueError(f"checkpoint {path}: loaded weights' fingerprint {fingerprint!r} != recorded {expected!r}")
+    return metadata["step"], loaded["extra"]
+
+
+# Files of an HF checkpoint directory that an export copies from the source (everything but the weights).
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|model\.safetensors\.index\.json)$")
+
+
+def save_hf_checkpoint(
+    out_dir: str | Path,
+    *,
+    module: torch.nn.Module,
+    arch: ModelArchitecture,
+    layout: ParallelLayout,
+    source_dir: str | Path,
+    bucket_bytes: int = 2 << 30,
+) -> Path:
+    """Write the model as an HF checkpoint (one safetensors file per bucket, an index, the source's config and
+    tokenizer files) into out_dir, atomically (collective: every rank calls it; global rank 0 writes)."""
+    out_dir = Path(out_dir)
+    temporary = out_dir.with_name(f".tmp_{out_dir.name}")
+    writer = _is_global_rank_zero()
+    weight_map: dict[str, str] = {}
+    if writer:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    for index, bucket in enumerate(iter_hf_weight_buckets(module, arch, layout, bucket_bytes=bucket_bytes)):
+        if writer:
+            file_name = f"model-{index + 1:05d}.safetensors"
+            save_file({name: tensor.cpu() for name, tensor in bucket}, temporary / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys((name for name, _ in bucket), file_name))
+    if writer:
+        index_json = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (temporary / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+        for source in Path(source_dir).iterdir():
+            if source.is_file() and not _WEIGHT_FILE.search(source.name):
+                shutil.copy2(source, temporary / source.name)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        temporary.rename(out_dir)
+    _barrier()
+    return out_dir

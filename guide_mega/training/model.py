@@ -1,0 +1,97 @@
+"""Megatron GPTModel construction for the policy and the critic, on the local (CPU) or Transformer-Engine (GPU) spec.
+
+Shape legend: S sequence positions, B rows of a micro-batch, H hidden size.
+
+The last pipeline stage returns the final normalised hidden states [S, B, H] rather than logits: the policy
+turns them into per-token logprobs with the fused LM-head kernel (`logprobs.py`), so the [tokens, vocab] logits
+are never materialised, and the critic maps them to values with its scalar head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+
+from guide_mega.training.architecture import ModelArchitecture
+from guide_mega.training.distributed import ParallelLayout
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine needs CUDA; on CPU machines the local spec is used."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+class HiddenStatesGPTModel(GPTModel):
+    """GPTModel whose last stage returns the final-norm hidden states [S, B, H] instead of logits.
+
+    The output layer keeps its (vocabulary-parallel) weight, read by `output_weight()` for the fused LM head.
+    """
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def output_weight(self) -> torch.Tensor:
+        """The local vocabulary shard of the LM-head weight [V_padded / TP, H] (the embedding when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+class CriticGPTModel(HiddenStatesGPTModel):
+    """The value model: the policy's decoder with a scalar head on the last stage (returns values [S, B]).
+
+    The head is replicated over tensor-parallel ranks; under sequence parallelism its gradient is partial per
+    rank, which the `sequence_parallel` attribute tells Megatron to all-reduce.
+    """
+
+    def __init__(self, config: TransformerConfig, **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        if self.post_process:
+            self.value_head = torch.nn.Linear(config.hidden_size, 1, bias=True, dtype=config.params_dtype)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+            for param in self.value_head.parameters():
+                param.sequence_parallel = config.sequence_parallel
+            # The LM head is unused by the critic: keep it out of the optimizer and the gradient buffers.
+            if self.output_layer.weight is not None:
+                self.output_layer.weight.requires_grad_(False)
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        return self.value_head(hidden_states).squeeze(-1)
+
+
+def build_gpt_model(
+    arch: ModelArchitecture,
+    config: TransformerConfig,
+    layout: ParallelLayout,
+    *,
+    critic: bool = False,
+) -> HiddenStatesGPTModel:
+    """This rank's pipeline stage of the policy (or critic) model, uninitialised: load weights with weight_loading."""
+    if transformer_engine_available():
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    model_cls = CriticGPTModel if critic else HiddenStatesGPTModel
+    model = model_cls(
+        config,
+        transformer_layer_spec=spec,
+        vocab_size=arch.padded_vocab_size(layout.tensor),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=layout.is_first_stage,
+        post_process=layout.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not critic,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+    return model.to(layout.device)
