@@ -49,7 +49,8 @@ def _init_process_group(backend: str) -> None:
 
 
 def init_parallel(*, tensor: int = 1, pipeline: int = 1, context: int = 1, seed: int = 1) -> ParallelLayout:
-    """Initialise torch.distributed and Megatron's model-parallel groups (idempotent for the same layout)."""
+    """Initialise torch.distributed and Megatron's model-parallel groups (idempotent for the same layout; a
+    different layout in the same process raises: call `destroy_parallel` first)."""
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -62,15 +63,21 @@ def init_parallel(*, tensor: int = 1, pipeline: int = 1, context: int = 1, seed:
         raise ValueError(
             f"world size {world_size} is not divisible by parallel.tensor * pipeline * context = {model_parallel}"
         )
-    if not parallel_state.model_parallel_is_initialized():
+    if parallel_state.model_parallel_is_initialized():
+        existing = current_layout()
+        existing_sizes = (existing.tensor, existing.pipeline, existing.context)
+        if existing_sizes != (tensor, pipeline, context):
+            requested = (tensor, pipeline, context)
+            raise ValueError(f"Megatron is already initialised with (TP, PP, CP) = {existing_sizes}, not {requested}")
+    else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor,
             pipeline_model_parallel_size=pipeline,
             context_parallel_size=context,
         )
     if on_gpu:
+        # Megatron's CUDA RNG streams (weight init, dropout); on CPU the shimmed tracker needs none.
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    torch.manual_seed(seed)
     return current_layout()
 
 

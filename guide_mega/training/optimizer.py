@@ -17,7 +17,7 @@ from megatron.core.transformer import TransformerConfig
 from guide_mega.config import OptimizerConfig
 
 
-def _finalize_grads_without_token_scaling(model_chunks, num_tokens=None, **kwargs) -> None:
+def finalize_grads_without_token_scaling(model_chunks, num_tokens=None, **kwargs) -> None:
     """Megatron's finalize_model_grads (DP reduce-scatter, SP and tied-embedding all-reduces) without dividing
     by the schedule's token count: our losses are normalised by global counts already."""
     finalize_model_grads(model_chunks, None, **kwargs)
@@ -33,7 +33,7 @@ def wrap_data_parallel(module: torch.nn.Module, config: TransformerConfig) -> Di
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
     # The schedule runs micro-batches under no_sync and finalises (reduces) gradients once at the end.
     config.no_sync_func = model.no_sync
-    config.finalize_model_grads_func = _finalize_grads_without_token_scaling
+    config.finalize_model_grads_func = finalize_grads_without_token_scaling
     return model
 
 

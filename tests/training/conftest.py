@@ -1,0 +1,115 @@
+"""Fixtures for the Megatron backend tests: tiny HF checkpoints, a clean single-process Megatron, torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))  # the helpers below (tiny_models, dist_worker) sit beside the tests
+
+from tiny_models import save_tiny_model  # noqa: E402
+
+# (family, tied embeddings): Llama-3 untied, Qwen2 tied (with qkv bias), Qwen3 untied (with qk-norm).
+FAMILIES = (("llama", False), ("qwen2", True), ("qwen3", False))
+_TORCHRUN_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """family -> directory of a tiny random HF checkpoint (safetensors)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    paths = {}
+    for family, tied in FAMILIES:
+        save_tiny_model(root / family, family, tied=tied)
+        paths[family] = root / family
+    return paths
+
+
+@pytest.fixture
+def single_process_megatron():
+    """Megatron in this process as a world of one; torn down afterwards so other layouts can follow."""
+    from guide_mega.training.distributed import destroy_parallel
+
+    destroy_parallel()
+    yield
+    destroy_parallel()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(nproc: int, *args: str) -> None:
+    """Run dist_worker.py under torchrun with nproc gloo processes (one thread each); raise with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}", str(HERE / "dist_worker.py"), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_TORCHRUN_TIMEOUT_S)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}"
+                             f"\n{result.stderr[-8000:]}")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def single_process_reference(tiny_checkpoints) -> dict[str, dict]:
+    """Per family, at TP = PP = DP = 1 in this process: logprobs under both contexts, and the first mini-batch's
+    loss and gradients with one micro-batch ('loss', 'gradients') and with four ('loss_4', 'gradients_4')."""
+    from policy_probes import FOUR_MICRO_BATCH_TOKENS, loss_and_gradients, make_policy
+    from tiny_models import make_train_batch
+
+    from guide_mega.training.distributed import destroy_parallel
+
+    destroy_parallel()
+    results = {}
+    try:
+        for family, checkpoint_dir in tiny_checkpoints.items():
+            batch = make_train_batch()
+            policy = make_policy(checkpoint_dir)
+            entry = {
+                "logprobs_train": policy.compute_logprobs(batch, context="train"),
+                "logprobs_sampled": policy.compute_logprobs(batch, context="sampled"),
+            }
+            entry["loss"], entry["gradients"] = loss_and_gradients(policy, batch)
+            split = make_policy(checkpoint_dir, micro_batch_tokens=FOUR_MICRO_BATCH_TOKENS)
+            entry["num_micro_batches_4"] = len(split._micro_batches(batch, list(range(batch.num_seqs)), "train"))
+            entry["loss_4"], entry["gradients_4"] = loss_and_gradients(split, make_train_batch())
+            results[family] = entry
+    finally:
+        destroy_parallel()
+    return results
+
+
+# name -> (tensor, pipeline, processes); data-parallel size = processes / (tensor * pipeline).
+LAYOUTS = {"tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2_pp2": (2, 2, 4), "dp2": (1, 1, 2)}
+
+
+class LayoutRun:
+    """Results of one dist_worker.py `layout` launch."""
+
+    def __init__(self, name: str, out_dir: Path) -> None:
+        self.name, self.out_dir = name, out_dir
+
+    def load(self, family: str) -> dict:
+        import torch
+
+        return torch.load(self.out_dir / f"{family}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session", params=list(LAYOUTS))
+def layout_results(request, tiny_checkpoints, tmp_path_factory) -> LayoutRun:
+    """One torchrun launch per parallel layout, shared by every test that asks for it."""
+    tensor, pipeline, processes = LAYOUTS[request.param]
+    out_dir = tmp_path_factory.mktemp(f"layout_{request.param}")
+    families = [f"{family}={path}" for family, path in tiny_checkpoints.items()]
+    run_torchrun(processes, "layout", str(out_dir), str(tensor), str(pipeline), *families)
+    return LayoutRun(request.param, out_dir)

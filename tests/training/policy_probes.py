@@ -1,0 +1,62 @@
+"""Build small MegatronPolicy instances and read their gradients in HF layout (shared by in-process tests and
+the torchrun worker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from guide_mega.config import AlgorithmConfig, GuideConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
+from guide_mega.training.forward import broadcast_object_from_last_stage
+from guide_mega.training.optimizer import finalize_grads_without_token_scaling
+from guide_mega.training.policy import MegatronPolicy
+from guide_mega.training.train_step import reduce_step_metrics
+from guide_mega.training.weight_export import export_hf_weights
+
+# A micro-batch token budget that cuts the default tiny batch (make_train_batch) into exactly four micro-batches.
+FOUR_MICRO_BATCH_TOKENS = 24
+
+
+def make_policy(
+    checkpoint_dir: str | Path,
+    *,
+    tensor: int = 1,
+    pipeline: int = 1,
+    micro_batch_tokens: int = 4096,
+    lr: float = 1e-3,
+    loss_aggregation: str = "seq_mean_token_mean",
+    mini_batches: int = 1,
+) -> MegatronPolicy:
+    """An fp32 Guide-GRPO policy (shaping for guided tokens) on the tiny checkpoint."""
+    algorithm = AlgorithmConfig(loss_aggregation=loss_aggregation, guide=GuideConfig(enabled=True))
+    return MegatronPolicy(
+        model=ModelConfig(path=str(checkpoint_dir), dtype="float32"),
+        parallel=ParallelConfig(tensor=tensor, pipeline=pipeline),
+        algorithm=algorithm,
+        optimizer=OptimizerConfig(lr=lr, grad_clip=0.0),
+        train=TrainConfig(
+            micro_batch_tokens=micro_batch_tokens, mini_batches_per_step=mini_batches, prompts_per_step=4
+        ),
+        total_optimizer_steps=100,
+    )
+
+
+def _finalize_with_all_reduce(model_chunks, num_tokens=None, **kwargs):
+    # The distributed optimizer reduce-scatters gradients (each rank keeps its shard); all-reduce instead so that
+    # every rank holds the full reduced gradient to compare.
+    finalize_grads_without_token_scaling(model_chunks, num_tokens, **{**kwargs, "force_all_reduce": True})
+
+
+def loss_and_gradients(policy: MegatronPolicy, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """The first mini-batch's loss and its full reduced gradients in HF layout (identical on every rank)."""
+    steps, _ = policy.plan_step(batch)
+    policy.config.finalize_model_grads_func = _finalize_with_all_reduce
+    outputs = policy.accumulate_gradients(batch, steps[0])
+    metrics = reduce_step_metrics(outputs, device=policy.layout.device) if policy.layout.is_last_stage else None
+    metrics = broadcast_object_from_last_stage(metrics)
+    gradients = {
+        name: tensor.clone()
+        for name, tensor in export_hf_weights(policy.module, policy.arch, policy.layout, gradients=True)
+    }
+    return metrics["loss"], gradients

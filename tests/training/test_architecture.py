@@ -1,0 +1,53 @@
+"""HF config.json -> ModelArchitecture -> Megatron TransformerConfig."""
+
+import json
+
+import pytest
+import torch
+
+from guide_mega.training.architecture import read_architecture, transformer_config
+
+
+def test_families_are_read_with_their_features(tiny_checkpoints):
+    llama = read_architecture(tiny_checkpoints["llama"])
+    qwen2 = read_architecture(tiny_checkpoints["qwen2"])
+    qwen3 = read_architecture(tiny_checkpoints["qwen3"])
+    assert (llama.rope_scaling_factor, llama.rope_theta, llama.tie_word_embeddings) == (8.0, 500000.0, False)
+    assert qwen2.qkv_bias and qwen2.tie_word_embeddings and not qwen2.qk_norm
+    assert qwen3.qk_norm and qwen3.head_dim == 24 and not qwen3.qkv_bias
+    assert qwen3.num_key_value_heads == 2 and qwen3.num_attention_heads == 4
+    assert llama.padded_vocab_size(1) == 384 and llama.padded_vocab_size(2) == 512
+
+
+def test_transformer_config_mirrors_the_architecture(tiny_checkpoints):
+    arch = read_architecture(tiny_checkpoints["qwen3"])
+    config = transformer_config(
+        arch, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False, dtype=torch.float32,
+        recompute="full", use_cpu_initialization=True,
+    )  # fmt: skip
+    assert (config.kv_channels, config.num_query_groups, config.qk_layernorm) == (24, 2, True)
+    assert config.normalization == "RMSNorm" and config.gated_linear_unit and not config.add_bias_linear
+    assert config.recompute_granularity == "full" and config.calculate_per_token_loss
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model_type": "mistral"}, "model_type 'mistral'"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}}, "low_freq_factor"),
+    ],
+)
+def test_unsupported_configs_name_the_file_and_key(tiny_checkpoints, tmp_path, fields, message):
+    config = json.loads((tiny_checkpoints["qwen2"] / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(ValueError, match=message) as error:
+        read_architecture(tmp_path)
+    assert str(tmp_path / "config.json") in str(error.value)
+
+
+def test_missing_config_names_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        read_architecture(tmp_path)

@@ -1,0 +1,82 @@
+"""The Guide train step: split-invariant loss and gradients, the right prompt contexts, and a falling loss."""
+
+import pytest
+import torch
+from tiny_models import hf_response_logprobs, make_train_batch
+from transformers import AutoModelForCausalLM
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+# Gradients are fp32 sums over different partitions (micro-batches, ranks, shards); only rounding may differ.
+GRAD_ATOL, GRAD_RTOL = 1e-6, 1e-4
+
+
+def _assert_same_gradients(expected: dict, actual: dict, where: str) -> None:
+    assert set(expected) == set(actual), where
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=f"{where}: {name}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_vs_four_micro_batches_give_the_same_loss_and_gradients(family, single_process_reference):
+    reference = single_process_reference[family]
+    assert reference["num_micro_batches_4"] == 4
+    assert reference["loss_4"] == pytest.approx(reference["loss"], rel=1e-6)
+    _assert_same_gradients(reference["gradients"], reference["gradients_4"], f"{family} 1 vs 4 micro-batches")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_layouts_give_the_single_process_loss_and_gradients(family, layout_results, single_process_reference):
+    """DP=2 vs DP=1 (and TP=2, PP=2, TP=2 x PP=2): the same loss and gradients."""
+    reference = single_process_reference[family]
+    results = layout_results.load(family)
+    assert results["loss"] == pytest.approx(reference["loss"], rel=1e-6), layout_results.name
+    _assert_same_gradients(reference["gradients"], results["gradients"], f"{layout_results.name} {family}")
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_loss_is_split_invariant_in_every_aggregation_mode(mode, tiny_checkpoints, single_process_megatron):
+    from policy_probes import FOUR_MICRO_BATCH_TOKENS, loss_and_gradients, make_policy
+
+    whole = make_policy(tiny_checkpoints["qwen2"], loss_aggregation=mode)
+    split = make_policy(tiny_checkpoints["qwen2"], loss_aggregation=mode, micro_batch_tokens=FOUR_MICRO_BATCH_TOKENS)
+    loss, gradients = loss_and_gradients(whole, make_train_batch())
+    split_loss, split_gradients = loss_and_gradients(split, make_train_batch())
+    assert split_loss == pytest.approx(loss, rel=1e-6)
+    _assert_same_gradients(gradients, split_gradients, mode)
+
+
+def test_guided_samples_use_hinted_old_and_hint_free_current_logprobs(tiny_checkpoints, single_process_megatron):
+    """At step start the policy is the old policy: unguided ratios are 1, guided ones pi(o|q) / pi(o|q, hint)."""
+    from policy_probes import make_policy
+
+    batch = make_train_batch(guided_groups=(1, 3))
+    policy = make_policy(tiny_checkpoints["llama"], lr=1e-12)
+    policy.compute_old_logprobs(batch)
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    hinted_T = hf_response_logprobs(hf_model, batch, context="sampled")
+    plain_T = hf_response_logprobs(hf_model, batch, context="train")
+    guided_T = batch.is_guided_T
+    torch.testing.assert_close(batch.old_logprobs_T, hinted_T, atol=1e-4, rtol=0)
+    assert (hinted_T - plain_T)[guided_T].abs().min() > 1e-3, "the hint must change the guided logprobs"
+    metrics = policy.train(batch)
+    assert metrics["actor/on_policy_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    expected_guided_ratio = torch.exp(plain_T - hinted_T)[guided_T].mean().item()
+    assert metrics["actor/off_policy_ratio_mean"] == pytest.approx(expected_guided_ratio, rel=1e-4)
+    assert metrics["guide/hint_reliance_per_token"] != 0.0
+
+
+def test_guide_grpo_steps_decrease_the_loss(tiny_checkpoints, single_process_megatron):
+    """Several steps on a fixed batch (old logprobs from the first step, as in PPO epochs): the loss falls."""
+    from policy_probes import make_policy
+
+    batch = make_train_batch(guided_groups=(1,))
+    policy = make_policy(tiny_checkpoints["qwen3"], lr=1e-3, mini_batches=2)
+    losses = []
+    for _ in range(4):
+        metrics = policy.train(batch)
+        losses.append(metrics["loss"])
+        assert metrics["actor/update_skipped"] == 0.0
+        assert metrics["actor/grad_norm"] > 0.0
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
+    assert policy.optimizer_steps == 8
