@@ -64,6 +64,8 @@ class CriticGPTModel(HiddenStatesGPTModel):
                 self.output_layer.weight.requires_grad_(False)
 
     def _postprocess(self, hidden_states, *args, **kwargs):
+        if not self.post_process:
+            return hidden_states
         return self.value_head(hidden_states).squeeze(-1)
 
 

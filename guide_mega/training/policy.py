@@ -17,25 +17,16 @@ import torch
 from guide_mega.algorithms.guide import hint_reliance
 from guide_mega.algorithms.losses import shaping_gamma
 from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
-from guide_mega.training.architecture import read_architecture, transformer_config
+from guide_mega.training.architecture import read_architecture
 from guide_mega.training.checkpoint import load_checkpoint, save_checkpoint, save_hf_checkpoint
 from guide_mega.training.distributed import init_parallel
-from guide_mega.training.forward import (
-    all_gather_data_parallel,
-    broadcast_from_last_stage,
-    broadcast_object_from_last_stage,
-    run_schedule,
-)
+from guide_mega.training.forward import broadcast_object_from_last_stage
 from guide_mega.training.logprobs import micro_batch_logprobs
-from guide_mega.training.micro_batches import Context, plan_micro_batches, sequence_lengths, shard_for_data_parallel
-from guide_mega.training.model import build_gpt_model, transformer_engine_available
-from guide_mega.training.optimizer import build_optimizer, wrap_data_parallel
+from guide_mega.training.micro_batches import Context
+from guide_mega.training.model_runner import ModelRunner
 from guide_mega.training.train_step import StepTensors, make_policy_loss_fn, reduce_step_metrics
 from guide_mega.training.weight_export import export_hf_weights
-from guide_mega.training.weight_loading import load_hf_weights
 from guide_mega.types import TrainBatch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def checkpoint_directory(model: ModelConfig) -> Path:
@@ -76,73 +67,50 @@ class MegatronPolicy:
         self.arch = read_architecture(self.checkpoint_dir)
         self.layout = init_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline, seed=train.seed)
         self.algorithm, self.train_config, self.temperature = algorithm, train, temperature
-        self.dtype = DTYPES[model.dtype]
-        self.config = transformer_config(
+        shared = {"model": model, "parallel": parallel, "micro_batch_tokens": train.micro_batch_tokens}
+        self.runner = ModelRunner(
+            self.checkpoint_dir,
             self.arch,
-            tensor_parallel=parallel.tensor,
-            pipeline_parallel=parallel.pipeline,
-            sequence_parallel=parallel.sequence_parallel,
-            dtype=self.dtype,
-            recompute=model.recompute,
-            use_cpu_initialization=not torch.cuda.is_available(),
-        )
-        self.packed = transformer_engine_available()
-        self.pad_multiple = parallel.tensor if parallel.sequence_parallel else 1
-        module = build_gpt_model(self.arch, self.config, self.layout)
-        load_hf_weights(module, self.checkpoint_dir, self.arch, self.layout)
-        self.module = module
-        self.model = [wrap_data_parallel(module, self.config)]
-        self.optimizer, self.scheduler = build_optimizer(
-            self.model[0], optimizer, lr=optimizer.lr, total_steps=total_optimizer_steps, dtype=self.dtype
+            self.layout,
+            optimizer=optimizer,
+            lr=optimizer.lr,
+            total_optimizer_steps=total_optimizer_steps,
+            **shared,
         )
         self.reference = None
         if algorithm.kl_coef > 0:
-            self.reference = build_gpt_model(self.arch, self.config, self.layout).requires_grad_(False)
-            load_hf_weights(self.reference, self.checkpoint_dir, self.arch, self.layout)
+            self.reference = ModelRunner(self.checkpoint_dir, self.arch, self.layout, **shared)
         self.optimizer_steps = 0
 
-    def _micro_batches(self, batch: TrainBatch, seqs: list[int], context: Context):
-        lengths = sequence_lengths(batch, context)
-        mine = shard_for_data_parallel(seqs, lengths, data_parallel=self.layout.data, data_rank=self.layout.data_rank)
-        return plan_micro_batches(
-            batch,
-            mine,
-            context=context,
-            max_tokens=self.train_config.micro_batch_tokens,
-            packed=self.packed,
-            pad_multiple=self.pad_multiple,
-            device=self.layout.device,
-        )
+    @property
+    def module(self) -> torch.nn.Module:
+        """This rank's (unwrapped) GPTModel stage."""
+        return self.runner.module
 
-    @torch.no_grad()
+    @property
+    def config(self):
+        """The Megatron TransformerConfig (also the schedule's config)."""
+        return self.runner.config
+
+    def _logprobs_fn(self, runner: ModelRunner):
+        def logprobs_fn(hidden_SBH: torch.Tensor, micro_batch) -> torch.Tensor:
+            return micro_batch_logprobs(
+                hidden_SBH,
+                runner.module.output_weight(),
+                micro_batch,
+                vocab_size=self.arch.vocab_size,
+                sequence_parallel=runner.config.sequence_parallel,
+                temperature=self.temperature,
+            ).logprobs_T
+
+        return logprobs_fn
+
     def compute_logprobs(
         self, batch: TrainBatch, *, context: Context = "train", seqs: list[int] | None = None, reference: bool = False
     ) -> torch.Tensor:
         """Logprobs [T] (fp32, CPU; 0 outside `seqs`) of the response tokens under the chosen prompt context."""
-        seqs = list(range(batch.num_seqs)) if seqs is None else seqs
-        module = self.reference if reference else self.module
-        micro_batches = self._micro_batches(batch, seqs, context)
-        num_tokens = batch.response_ids_T.numel()
-        logprobs_T = torch.zeros(num_tokens, dtype=torch.float32, device=self.layout.device)
-
-        def loss_fn(hidden_SBH, micro_batch):
-            result = micro_batch_logprobs(
-                hidden_SBH,
-                module.output_weight(),
-                micro_batch,
-                vocab_size=self.arch.vocab_size,
-                sequence_parallel=self.config.sequence_parallel,
-                temperature=self.temperature,
-            )
-            logprobs_T[micro_batch.token_index_N.to(logprobs_T.device)] = result.logprobs_T
-            return result.logprobs_T.sum() * 0.0, {}
-
-        if micro_batches:
-            run_schedule([module], micro_batches, loss_fn, forward_only=True, explicit_causal_mask=not self.packed)
-        logprobs_T = broadcast_from_last_stage(
-            logprobs_T, shape=(num_tokens,), dtype=torch.float32, device=self.layout.device
-        )
-        return all_gather_data_parallel(logprobs_T).cpu()
+        runner = self.reference if reference else self.runner
+        return runner.forward_per_token(batch, self._logprobs_fn(runner), context=context, seqs=seqs)
 
     def compute_old_logprobs(self, batch: TrainBatch) -> None:
         """Fill batch.old_logprobs_T: each sample under the context it was sampled in (hinted for guided ones)."""
@@ -201,9 +169,6 @@ class MegatronPolicy:
 
     def accumulate_gradients(self, batch: TrainBatch, step: StepTensors) -> list[dict[str, torch.Tensor]]:
         """Zero, then fill the (data-parallel reduced) gradients of the mini-batch's loss; loss_fn outputs."""
-        micro_batches = self._micro_batches(batch, step.seqs, "train")
-        self.model[0].zero_grad_buffer()
-        self.optimizer.zero_grad()
         loss_fn = make_policy_loss_fn(
             self.module.output_weight,
             step,
@@ -212,26 +177,15 @@ class MegatronPolicy:
             sequence_parallel=self.config.sequence_parallel,
             temperature=self.temperature,
         )
-        if not micro_batches:
-            # No sequence for this data-parallel rank: still join the gradient reduction.
-            self.config.finalize_model_grads_func(self.model)
-            return []
-        return run_schedule(
-            self.model, micro_batches, loss_fn, forward_only=False, explicit_causal_mask=not self.packed
-        )
+        return self.runner.accumulate_gradients(batch, step.seqs, loss_fn)
 
     def _optimizer_step(self, batch: TrainBatch, step: StepTensors) -> dict[str, float]:
         outputs = self.accumulate_gradients(batch, step)
-        updated, grad_norm, _ = self.optimizer.step()
-        if updated:
-            self.scheduler.step(1)
-            self.optimizer_steps += 1
+        update = self.runner.optimizer_step()
+        self.optimizer_steps += int(not update["update_skipped"])
         metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
         metrics = broadcast_object_from_last_stage(metrics)
-        metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["actor/update_skipped"] = float(not updated)
-        return metrics
+        return {**metrics, **{f"actor/{name}": value for name, value in update.items()}}
 
     def save_checkpoint(self, root: str | Path, step: int, *, extra: dict | None = None) -> Path:
         """Atomic Megatron distributed checkpoint `<root>/step_<step>` (collective)."""
@@ -240,8 +194,8 @@ class MegatronPolicy:
             root,
             step,
             module=self.module,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            optimizer=self.runner.optimizer,
+            scheduler=self.runner.scheduler,
             layout=self.layout,
             extra=extra,
         )
@@ -249,7 +203,11 @@ class MegatronPolicy:
     def load_checkpoint(self, path: str | Path) -> tuple[int, dict]:
         """Restore from a checkpoint directory (verified); returns (step, extra)."""
         step, extra = load_checkpoint(
-            path, module=self.module, optimizer=self.optimizer, scheduler=self.scheduler, layout=self.layout
+            path,
+            module=self.module,
+            optimizer=self.runner.optimizer,
+            scheduler=self.runner.scheduler,
+            layout=self.layout,
         )
         self.optimizer_steps = extra.get("optimizer_steps", 0)
         return step, extra

@@ -118,7 +118,7 @@ def make_policy_loss_fn(
 
 # How each metric combines over micro-batches and data-parallel ranks: counts and the loss add up, extremes take
 # max/min, and per-micro-batch means are weighted by the micro-batch's token count.
-_SUMMED = ("loss", "num_tokens", "actor/on_policy_tokens", "actor/off_policy_tokens")
+_SUMMED = ("loss", "critic/loss", "num_tokens", "actor/on_policy_tokens", "actor/off_policy_tokens")
 _MAXED = ("actor/ratio_max",)
 _MINNED = ("actor/ratio_min",)
 

@@ -81,7 +81,7 @@ def single_process_reference(tiny_checkpoints) -> dict[str, dict]:
             }
             entry["loss"], entry["gradients"] = loss_and_gradients(policy, batch)
             split = make_policy(checkpoint_dir, micro_batch_tokens=FOUR_MICRO_BATCH_TOKENS)
-            entry["num_micro_batches_4"] = len(split._micro_batches(batch, list(range(batch.num_seqs)), "train"))
+            entry["num_micro_batches_4"] = len(split.runner.micro_batches(batch, list(range(batch.num_seqs)), "train"))
             entry["loss_4"], entry["gradients_4"] = loss_and_gradients(split, make_train_batch())
             results[family] = entry
     finally:

@@ -2,7 +2,8 @@
 
 torchrun --nproc-per-node N dist_worker.py layout OUT_DIR TP PP FAMILY=DIR [FAMILY=DIR ...]
     per family: logprobs under both contexts, the loss and reduced gradients of the first mini-batch, an HF
-    export (OUT_DIR/<family>_hf) and whether re-importing that export reproduces every parameter bit for bit.
+    export (OUT_DIR/<family>_hf) and whether re-importing that export reproduces every parameter bit for bit;
+    for qwen3 also the critic's values after two training steps.
 torchrun --nproc-per-node N dist_worker.py checkpoint OUT_DIR PHASE CHECKPOINT_DIR MODEL_DIR
     PHASE=run:    train 3 steps, checkpoint after step 2, record every loss (the uninterrupted run).
     PHASE=resume: a fresh process restores the step-2 checkpoint and records step 3's loss.
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from policy_probes import loss_and_gradients, make_policy  # noqa: E402
+from policy_probes import critic_values_after_steps, loss_and_gradients, make_critic, make_policy  # noqa: E402
 from tiny_models import make_train_batch  # noqa: E402
 
 from guide_mega.training.checkpoint import list_checkpoints  # noqa: E402
@@ -52,6 +53,11 @@ def run_layout(out_dir: Path, tensor: int, pipeline: int, families: dict[str, st
         results["loss"], results["gradients"] = loss_and_gradients(policy, batch)
         export_dir = policy.save_hf(out_dir / f"{family}_hf")
         results["reimport_bit_exact"] = _reimport_is_bit_exact(policy, export_dir)
+        if family == "qwen3":
+            critic = make_critic(
+                checkpoint_dir, tensor=tensor, pipeline=pipeline, micro_batch_tokens=_MICRO_BATCH_TOKENS
+            )
+            _, results["critic_values"] = critic_values_after_steps(critic, make_train_batch(), steps=2)
         if dist.get_rank() == 0:
             torch.save(results, out_dir / f"{family}.pt")
 

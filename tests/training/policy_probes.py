@@ -60,3 +60,27 @@ def loss_and_gradients(policy: MegatronPolicy, batch) -> tuple[float, dict[str, 
         for name, tensor in export_hf_weights(policy.module, policy.arch, policy.layout, gradients=True)
     }
     return metrics["loss"], gradients
+
+
+def make_critic(checkpoint_dir: str | Path, *, tensor: int = 1, pipeline: int = 1, micro_batch_tokens: int = 4096):
+    """An fp32 critic on the tiny checkpoint (token-mean value loss, value clip off)."""
+    from guide_mega.training.critic import MegatronCritic
+
+    return MegatronCritic(
+        model=ModelConfig(path=str(checkpoint_dir), dtype="float32"),
+        parallel=ParallelConfig(tensor=tensor, pipeline=pipeline),
+        algorithm=AlgorithmConfig(estimator="gae", loss_aggregation="token_mean", value_clip=None),
+        optimizer=OptimizerConfig(critic_lr=1e-2, grad_clip=0.0),
+        train=TrainConfig(micro_batch_tokens=micro_batch_tokens, prompts_per_step=1),
+        total_optimizer_steps=100,
+    )
+
+
+def critic_values_after_steps(critic, batch, *, steps: int) -> tuple[list[float], torch.Tensor]:
+    """Train the critic toward returns = the sequence rewards for `steps` steps; (losses, final values [T])."""
+    returns_T = batch.rewards_S[batch.seq_ids_T]
+    losses = []
+    for _ in range(steps):
+        old_values_T = critic.compute_values(batch)
+        losses.append(critic.train(batch, returns_T=returns_T, old_values_T=old_values_T)["critic/loss"])
+    return losses, critic.compute_values(batch)

@@ -1,0 +1,139 @@
+"""One Megatron model on this rank (the policy, its frozen reference, or the critic) and how batches run through it.
+
+Shape legend: T response tokens of the batch, N response tokens of a micro-batch, S sequence positions, B rows.
+
+A runner builds its pipeline stage from the HF checkpoint, optionally wraps it for training (DDP, distributed
+Adam, LR schedule), and runs a TrainBatch's sequences through Megatron's schedule: each data-parallel rank takes
+its share of the sequences and cuts it into token-budgeted micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from guide_mega.config import ModelConfig, OptimizerConfig, ParallelConfig
+from guide_mega.training.architecture import ModelArchitecture, transformer_config
+from guide_mega.training.distributed import ParallelLayout
+from guide_mega.training.forward import LossFn, all_gather_data_parallel, broadcast_from_last_stage, run_schedule
+from guide_mega.training.micro_batches import (
+    Context,
+    MicroBatch,
+    plan_micro_batches,
+    sequence_lengths,
+    shard_for_data_parallel,
+)
+from guide_mega.training.model import build_gpt_model, transformer_engine_available
+from guide_mega.training.optimizer import build_optimizer, wrap_data_parallel
+from guide_mega.training.weight_loading import load_hf_weights
+from guide_mega.types import TrainBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PerTokenFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
+
+
+class ModelRunner:
+    """A Megatron model stage loaded from an HF checkpoint; trainable when given optimizer settings."""
+
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        arch: ModelArchitecture,
+        layout: ParallelLayout,
+        *,
+        model: ModelConfig,
+        parallel: ParallelConfig,
+        micro_batch_tokens: int,
+        critic: bool = False,
+        optimizer: OptimizerConfig | None = None,
+        lr: float = 0.0,
+        total_optimizer_steps: int = 1,
+    ) -> None:
+        self.arch, self.layout, self.micro_batch_tokens = arch, layout, micro_batch_tokens
+        self.dtype = DTYPES[model.dtype]
+        self.config = transformer_config(
+            arch,
+            tensor_parallel=parallel.tensor,
+            pipeline_parallel=parallel.pipeline,
+            sequence_parallel=parallel.sequence_parallel,
+            dtype=self.dtype,
+            recompute=model.recompute,
+            use_cpu_initialization=not torch.cuda.is_available(),
+        )
+        # THD packing needs Transformer Engine's attention; the local spec gets one right-padded row per sequence.
+        self.packed = transformer_engine_available()
+        self.pad_multiple = parallel.tensor if parallel.sequence_parallel else 1
+        self.module = build_gpt_model(arch, self.config, layout, critic=critic)
+        load_hf_weights(self.module, checkpoint_dir, arch, layout, critic=critic)
+        self.model: list[torch.nn.Module] = [self.module]
+        self.optimizer = self.scheduler = None
+        if optimizer is not None:
+            self.model = [wrap_data_parallel(self.module, self.config)]
+            self.optimizer, self.scheduler = build_optimizer(
+                self.model[0], optimizer, lr=lr, total_steps=total_optimizer_steps, dtype=self.dtype
+            )
+        else:
+            self.module.requires_grad_(False)
+
+    def micro_batches(self, batch: TrainBatch, seqs: list[int], context: Context) -> list[MicroBatch]:
+        """This data-parallel rank's micro-batches over the sequences `seqs`."""
+        lengths = sequence_lengths(batch, context)
+        mine = shard_for_data_parallel(seqs, lengths, data_parallel=self.layout.data, data_rank=self.layout.data_rank)
+        return plan_micro_batches(
+            batch,
+            mine,
+            context=context,
+            max_tokens=self.micro_batch_tokens,
+            packed=self.packed,
+            pad_multiple=self.pad_multiple,
+            device=self.layout.device,
+        )
+
+    @torch.no_grad()
+    def forward_per_token(
+        self, batch: TrainBatch, per_token_fn: PerTokenFn, *, context: Context, seqs: list[int] | None = None
+    ) -> torch.Tensor:
+        """fp32 [T] on CPU, identical on every rank: per_token_fn(last-stage output, micro_batch) -> [N] for the
+        response tokens of `seqs` (all sequences by default), 0 elsewhere."""
+        seqs = list(range(batch.num_seqs)) if seqs is None else seqs
+        num_tokens = batch.response_ids_T.numel()
+        values_T = torch.zeros(num_tokens, dtype=torch.float32, device=self.layout.device)
+
+        def collect(output, micro_batch: MicroBatch):
+            values_N = per_token_fn(output, micro_batch).float()
+            values_T[micro_batch.token_index_N.to(values_T.device)] = values_N
+            return values_N.sum() * 0.0, {}
+
+        micro_batches = self.micro_batches(batch, seqs, context)
+        if micro_batches:
+            run_schedule(self.model, micro_batches, collect, forward_only=True, explicit_causal_mask=not self.packed)
+        values_T = broadcast_from_last_stage(values_T, shape=(num_tokens,), dtype=torch.float32, device=values_T.device)
+        return all_gather_data_parallel(values_T).cpu()
+
+    def accumulate_gradients(
+        self, batch: TrainBatch, seqs: list[int], loss_fn: LossFn, *, context: Context = "train"
+    ) -> list[dict[str, torch.Tensor]]:
+        """Zero, then fill the data-parallel-reduced gradients of the summed micro-batch losses of `seqs`."""
+        micro_batches = self.micro_batches(batch, seqs, context)
+        self.model[0].zero_grad_buffer()
+        self.optimizer.zero_grad()
+        if not micro_batches:
+            # No sequence for this data-parallel rank: still join the gradient reduction.
+            self.config.finalize_model_grads_func(self.model)
+            return []
+        return run_schedule(
+            self.model, micro_batches, loss_fn, forward_only=False, explicit_causal_mask=not self.packed
+        )
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step Adam and the LR schedule (skipped on a non-finite gradient); returns grad norm and LR."""
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(1)
+        return {
+            "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "update_skipped": float(not updated),
+        }

@@ -1,0 +1,42 @@
+"""The critic: a value head on the policy's decoder, trained on the clipped value loss, read on hint-free prompts."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import make_train_batch
+
+
+def test_critic_starts_at_zero_and_learns_the_returns(tiny_checkpoints, single_process_megatron):
+    from policy_probes import critic_values_after_steps, make_critic
+
+    critic = make_critic(tiny_checkpoints["qwen2"])
+    batch = make_train_batch()
+    assert torch.equal(critic.compute_values(batch), torch.zeros(batch.response_ids_T.numel()))
+    losses, values_T = critic_values_after_steps(critic, batch, steps=6)
+    assert losses[-1] < 0.5 * losses[0], losses
+    returns_T = batch.rewards_S[batch.seq_ids_T]
+    assert (values_T - returns_T).abs().mean() < (returns_T).abs().mean()
+
+
+def test_critic_reads_the_hint_free_prompt(tiny_checkpoints, single_process_megatron):
+    from policy_probes import critic_values_after_steps, make_critic
+
+    critic = make_critic(tiny_checkpoints["llama"])
+    batch = make_train_batch(guided_groups=(0, 1, 2, 3))
+    _, values_T = critic_values_after_steps(critic, batch, steps=2)
+    other_hint = copy.deepcopy(batch)
+    other_hint.sampled_prompt_ids = [prompt + [7, 7, 7] for prompt in batch.sampled_prompt_ids]
+    assert torch.equal(critic.compute_values(other_hint), values_T)
+    other_prompt = copy.deepcopy(batch)
+    other_prompt.train_prompt_ids = [[5] + prompt for prompt in batch.train_prompt_ids]
+    assert not torch.allclose(critic.compute_values(other_prompt), values_T)
+
+
+@pytest.mark.distributed
+def test_parallel_critic_matches_single_process(layout_results, tiny_checkpoints, single_process_megatron):
+    from policy_probes import critic_values_after_steps, make_critic
+
+    _, expected_T = critic_values_after_steps(make_critic(tiny_checkpoints["qwen3"]), make_train_batch(), steps=2)
+    results = layout_results.load("qwen3")
+    torch.testing.assert_close(results["critic_values"], expected_T, atol=1e-5, rtol=1e-4)
