@@ -141,15 +141,14 @@ class HFEngine:
         return cls(model_path, device=device, dtype=dtype, batch_size=config.batch_size)
 
     def _generation_config(self, sampling: SamplingParams) -> GenerationConfig:
-        # Neutral built-in warpers: ours (in _sampling_processors) do the sampling, after the recorder.
+        # Neutral built-in warpers when sampling: ours (in _sampling_processors) do it, after the recorder.
+        neutral = {} if sampling.is_greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
         return GenerationConfig(
             do_sample=not sampling.is_greedy,
             max_new_tokens=sampling.max_new_tokens,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
+            **neutral,
         )
 
     def _left_pad(self, requests: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
