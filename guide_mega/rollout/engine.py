@@ -40,6 +40,8 @@ class SamplingParams:
     """Token ids that end a response like end-of-sequence does (kept in the response)."""
     seed: int | None = None
     """Seed for the engine's sampler; None leaves it unseeded."""
+    ignore_eos: bool = False
+    """Generate exactly max_new_tokens (benchmarks): end-of-sequence and stop tokens do not stop a response."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < -1 or self.max_new_tokens < 1:

@@ -147,7 +147,7 @@ class HFEngine:
             do_sample=not sampling.is_greedy,
             max_new_tokens=sampling.max_new_tokens,
             pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids),
+            eos_token_id=[] if sampling.ignore_eos else sorted(self.eos_ids),
             **neutral,
         )
 
@@ -166,7 +166,7 @@ class HFEngine:
         trace = _SamplingTrace(
             batch_size=len(requests),
             temperature=1.0 if sampling.is_greedy else sampling.temperature,
-            eos_ids=self.eos_ids | set(sampling.stop_token_ids),
+            eos_ids=set() if sampling.ignore_eos else self.eos_ids | set(sampling.stop_token_ids),
             stop=sampling.stop,
             tokenizer=self.tokenizer,
         )

@@ -59,6 +59,7 @@ def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
         "stop_token_ids": list(sampling.stop_token_ids),
         "no_stop_trim": True,
         "skip_special_tokens": True,
+        "ignore_eos": sampling.ignore_eos,
     }
     if sampling.seed is not None:
         payload["sampling_seed"] = sampling.seed

@@ -79,6 +79,10 @@ def test_stop_token_and_stop_string_end_each_sequence_where_it_completes(engine,
             assert completion.logprobs == pytest.approx(full.logprobs[:cut], abs=LOGPROB_ATOL)
         else:
             assert completion.response_ids == full.response_ids and completion.finish_reason == "length"
+    ignoring = engine.generate(
+        prompt_ids[:1], SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=(stop_token,), ignore_eos=True)
+    )[0]
+    assert (ignoring.response_ids, ignoring.finish_reason) == (reference[0].response_ids, "length")
     stop_text = engine.tokenizer.decode(reference[1].response_ids[2:4])
     by_string = engine.generate(prompt_ids[1:2], SamplingParams(temperature=0, max_new_tokens=12, stop=(stop_text,)))[0]
     assert by_string.finish_reason == "stop" and stop_text in by_string.text

@@ -97,6 +97,7 @@ def test_generate_maps_sampling_and_parses_completions(fake_server):
         "stop_token_ids": [],
         "no_stop_trim": True,
         "skip_special_tokens": True,
+        "ignore_eos": False,
         "sampling_seed": 4,
     }
     assert "sampling_seed" not in sampling_payload(SamplingParams())

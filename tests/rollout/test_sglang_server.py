@@ -1,0 +1,103 @@
+"""A real SGLang server on CPU (own virtual environment, tiny local model, loopback): generation, logprobs and
+weight updates agree with HFEngine. Marked `sglang`; skipped unless the environment is built or may be built.
+
+The environment (sglang 0.5.21 with a CPU torch, ~2.6 GB, ~3 min to build) lives in $GUIDE_MEGA_SGLANG_VENV or
+~/.cache/guide_mega/sglang-0.5.21-cpu; set GUIDE_MEGA_BUILD_SGLANG_VENV=1 to let this test build it.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from guide_mega.data.embedded_model import default_cache_dir
+from guide_mega.rollout.engine import SamplingParams
+from guide_mega.rollout.hf_engine import HFEngine
+from guide_mega.rollout.sglang_engine import SGLangServerEngine
+from guide_mega.rollout.sglang_server import SGLANG_VERSION, LocalSGLangServer, build_cpu_venv, free_port
+
+from .conftest import make_tiny_llama
+
+pytestmark = pytest.mark.sglang
+
+# Same fp32 weights, two implementations (SGLang's native CPU kernels vs transformers): summation order only.
+LOGPROB_ATOL = 1e-4
+
+
+def sglang_venv() -> Path:
+    venv = Path(os.environ.get("GUIDE_MEGA_SGLANG_VENV") or default_cache_dir() / f"sglang-{SGLANG_VERSION}-cpu")
+    if not (venv / ".guide_mega_ready").is_file() and os.environ.get("GUIDE_MEGA_BUILD_SGLANG_VENV") != "1":
+        pytest.skip(f"no SGLang CPU environment at {venv}; set GUIDE_MEGA_BUILD_SGLANG_VENV=1 to build it")
+    return build_cpu_venv(venv)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("sglang") / "server.log"
+    with LocalSGLangServer(sglang_venv(), tiny_model_dir, log_path=log_path) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    torch.set_num_threads(2)
+    return HFEngine(tiny_model_dir)
+
+
+def test_greedy_tokens_and_logprobs_match_hf(server, hf_engine, prompt_ids):
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    sglang_completions = SGLangServerEngine(server.url).generate(prompt_ids, greedy)
+    hf_completions = hf_engine.generate(prompt_ids, greedy)
+    for ours, theirs in zip(hf_completions, sglang_completions, strict=True):
+        assert ours.response_ids == theirs.response_ids and theirs.finish_reason == "length"
+        torch.testing.assert_close(
+            torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), atol=LOGPROB_ATOL, rtol=0
+        )
+
+
+def test_sampled_logprobs_follow_the_engine_convention(server, hf_engine, prompt_ids):
+    sampling = SamplingParams(temperature=0.7, top_k=5, max_new_tokens=8, seed=1)
+    for prompt, completion in zip(
+        prompt_ids, SGLangServerEngine(server.url).generate(prompt_ids, sampling), strict=True
+    ):
+        with torch.no_grad():
+            logits_RV = hf_engine.model(torch.tensor([prompt + completion.response_ids])).logits[
+                0, len(prompt) - 1 : -1
+            ]
+        expected_R = torch.log_softmax(logits_RV / 0.7, dim=-1).gather(
+            1, torch.tensor(completion.response_ids)[:, None]
+        )
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected_R[:, 0], atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_many_concurrent_requests(server, prompt_ids):
+    engine = SGLangServerEngine(server.url, requests_per_call=2, max_concurrency=16)
+    requests = prompt_ids * 16
+    completions = engine.generate(requests, SamplingParams(temperature=0, max_new_tokens=6))
+    assert len(completions) == 64
+    assert [c.response_ids for c in completions] == [c.response_ids for c in completions[:4]] * 16
+
+
+def new_weights(tokenizer, seed):
+    return list(make_tiny_llama(tokenizer, seed=seed).state_dict().items())
+
+
+def test_weight_updates_from_disk_and_by_broadcast(server, tiny_model_dir, smollm2_tokenizer, prompt_ids, tmp_path):
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    engine = SGLangServerEngine(server.url, weight_dir=tmp_path / "weights", model_dir=tiny_model_dir)
+    reference = HFEngine(tiny_model_dir)
+    before = [c.response_ids for c in engine.generate(prompt_ids, greedy)]
+    for seed, use_broadcast in ((1, False), (2, True)):
+        if use_broadcast:
+            engine.init_weight_group(master_address="127.0.0.1", master_port=free_port(), backend="gloo")
+        weights = new_weights(smollm2_tokenizer, seed)
+        engine.update_weights(iter(weights))
+        reference.update_weights(iter(weights))
+        updated = engine.generate(prompt_ids, greedy)
+        expected = reference.generate(prompt_ids, greedy)
+        assert [c.response_ids for c in updated] == [c.response_ids for c in expected] != before
+        for ours, theirs in zip(expected, updated, strict=True):
+            torch.testing.assert_close(
+                torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), atol=LOGPROB_ATOL, rtol=0
+            )
