@@ -98,8 +98,9 @@ def broadcast_object_from_last_stage(value):
     return holder[0]
 
 
-def all_gather_data_parallel(values_T: torch.Tensor) -> torch.Tensor:
-    """Sum of per-rank [T] tensors that are zero outside each rank's own tokens: the full [T] on every rank."""
+def sum_over_data_parallel(values_T: torch.Tensor) -> torch.Tensor:
+    """The sum over data-parallel ranks of [T] tensors that are zero outside each rank's own tokens: the full [T]
+    on every rank."""
     if parallel_state.get_data_parallel_world_size() == 1:
         return values_T
     values_T = values_T.clone()

@@ -17,7 +17,7 @@ import torch
 from guide_mega.config import ModelConfig, OptimizerConfig, ParallelConfig
 from guide_mega.training.architecture import ModelArchitecture, transformer_config
 from guide_mega.training.distributed import ParallelLayout
-from guide_mega.training.forward import LossFn, all_gather_data_parallel, broadcast_from_last_stage, run_schedule
+from guide_mega.training.forward import LossFn, broadcast_from_last_stage, run_schedule, sum_over_data_parallel
 from guide_mega.training.micro_batches import (
     Context,
     MicroBatch,
@@ -110,7 +110,7 @@ class ModelRunner:
         if micro_batches:
             run_schedule(self.model, micro_batches, collect, forward_only=True, explicit_causal_mask=not self.packed)
         values_T = broadcast_from_last_stage(values_T, shape=(num_tokens,), dtype=torch.float32, device=values_T.device)
-        return all_gather_data_parallel(values_T).cpu()
+        return sum_over_data_parallel(values_T).cpu()
 
     def accumulate_gradients(
         self, batch: TrainBatch, seqs: list[int], loss_fn: LossFn, *, context: Context = "train"

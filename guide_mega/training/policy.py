@@ -28,6 +28,9 @@ from guide_mega.training.train_step import StepTensors, make_policy_loss_fn, red
 from guide_mega.training.weight_export import export_hf_weights
 from guide_mega.types import TrainBatch
 
+# The same bound as the policy loss puts on log-ratios: exp() of a larger one overflows fp32.
+_MAX_LOG_RATIO = 20.0
+
 
 def checkpoint_directory(model: ModelConfig) -> Path:
     """model.path as an HF checkpoint directory (the trainer resolves 'embedded:' names before building)."""
@@ -129,7 +132,7 @@ class MegatronPolicy:
             return guide.gamma_constant, {}
         plain_T = self.compute_logprobs(batch, context="train", seqs=guided)
         guided_T = batch.is_guided_T
-        ratio_T = torch.exp((plain_T - batch.old_logprobs_T).clamp(-20.0, 20.0))
+        ratio_T = torch.exp((plain_T - batch.old_logprobs_T).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
         quantile = guide.gamma_quantile if guide.gamma == "quantile" else None
         gamma = float(shaping_gamma(ratio_T, guided_T, quantile=quantile, constant=guide.gamma_constant))
         reliance = hint_reliance(batch.old_logprobs_T, plain_T, batch.seq_ids_T, batch.is_guided_S)

@@ -90,9 +90,9 @@ def hf_response_logprobs(model, batch, *, context: str = "train") -> torch.Tenso
     logprobs = []
     for seq, prompt in enumerate(prompts):
         response = batch.response_ids_T[batch.cu_seqlens_S1[seq] : batch.cu_seqlens_S1[seq + 1]]
-        input_ids = torch.tensor([prompt + response.tolist()])
+        input_ids = torch.tensor([prompt + response.tolist()], device=model.device)
         with torch.no_grad():
-            log_probs_SV = torch.log_softmax(model(input_ids).logits[0].float(), dim=-1)
+            log_probs_SV = torch.log_softmax(model(input_ids).logits[0].float(), dim=-1).cpu()
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(response))
         logprobs.append(log_probs_SV[positions, response])
     return torch.cat(logprobs)

@@ -1,0 +1,82 @@
+"""GPU-only checks of the backend: the Transformer Engine layer spec with THD packing, in fp32 and bf16.
+
+Run by scripts/gpu_check.sh (pytest -m gpu). Shapes stay tiny: these test wiring and numerics, not speed.
+"""
+
+import pytest
+import torch
+from tiny_models import hf_response_logprobs, make_train_batch
+from transformers import AutoModelForCausalLM
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 parity needs true fp32 GEMMs on both sides."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def test_transformer_engine_spec_and_packing_are_used(tiny_checkpoints, single_process_megatron):
+    pytest.importorskip("transformer_engine")
+    from policy_probes import make_policy
+
+    policy = make_policy(tiny_checkpoints["qwen3"])
+    assert policy.runner.packed
+    names = [name for name, _ in policy.module.named_parameters()]
+    assert any(name.endswith("linear_qkv.layer_norm_weight") for name in names), names
+    micro_batch = policy.runner.micro_batches(make_train_batch(), [0, 1, 2], "train")[0]
+    assert micro_batch.packed_seq_params is not None and micro_batch.input_ids_BS.shape[0] == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_logprobs_match_transformers_on_gpu(family, tiny_checkpoints, single_process_megatron, no_tf32):
+    from policy_probes import make_policy
+
+    batch = make_train_batch()
+    logprobs_T = make_policy(tiny_checkpoints[family]).compute_logprobs(batch, context="sampled")
+    hf_model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints[family]).cuda().eval()
+    hf_T = hf_response_logprobs(hf_model, batch, context="sampled").cpu()
+    assert (logprobs_T - hf_T).abs().max() <= 1e-3
+
+
+def test_micro_batch_split_invariance_with_packing(tiny_checkpoints, single_process_megatron, no_tf32):
+    from policy_probes import FOUR_MICRO_BATCH_TOKENS, loss_and_gradients, make_policy
+
+    loss, gradients = loss_and_gradients(make_policy(tiny_checkpoints["qwen2"]), make_train_batch())
+    split = make_policy(tiny_checkpoints["qwen2"], micro_batch_tokens=FOUR_MICRO_BATCH_TOKENS)
+    split_loss, split_gradients = loss_and_gradients(split, make_train_batch())
+    assert split_loss == pytest.approx(loss, rel=1e-5)
+    for name, tensor in gradients.items():
+        torch.testing.assert_close(split_gradients[name], tensor, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_bf16_guide_steps_decrease_the_loss(tiny_checkpoints, single_process_megatron):
+    from guide_mega.config import (
+        AlgorithmConfig,
+        GuideConfig,
+        ModelConfig,
+        OptimizerConfig,
+        ParallelConfig,
+        TrainConfig,
+    )
+    from guide_mega.training.policy import MegatronPolicy
+
+    policy = MegatronPolicy(
+        model=ModelConfig(path=str(tiny_checkpoints["llama"]), dtype="bfloat16"),
+        parallel=ParallelConfig(),
+        algorithm=AlgorithmConfig(guide=GuideConfig(enabled=True)),
+        optimizer=OptimizerConfig(lr=1e-3),
+        train=TrainConfig(micro_batch_tokens=64, prompts_per_step=1),
+        total_optimizer_steps=10,
+    )
+    batch = make_train_batch()
+    losses = [policy.train(batch)["loss"] for _ in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
