@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +67,22 @@ def _sharded_state(module, optimizer, scheduler, extra: dict, *, is_loading: boo
     }
 
 
+@contextmanager
+def _single_threaded_cpu_ops():
+    """Run torch CPU ops on one thread for the duration.
+
+    Megatron's torch_dist writer forks worker processes. A child forked after the parent ran OpenMP-parallel
+    torch ops with more than one thread hangs in its first parallel op (libgomp's thread pool does not survive
+    fork), so the save would never finish once training has used more than one CPU thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -84,7 +101,8 @@ def save_checkpoint(
         temporary.mkdir(parents=True)
     _barrier()
     state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
-    dist_checkpointing.save(state, str(temporary))
+    with _single_threaded_cpu_ops():
+        dist_checkpointing.save(state, str(temporary))
     fingerprint = weight_fingerprint(module)
     _barrier()
     if _is_global_rank_zero():
