@@ -128,12 +128,14 @@ class ModelRunner:
         )
 
     def optimizer_step(self) -> dict[str, float]:
-        """Clip, step Adam and the LR schedule (skipped on a non-finite gradient); returns grad norm and LR."""
+        """Clip, step Adam and the LR schedule (skipped on a non-finite gradient); returns the grad norm and the LR
+        this step used."""
+        lr = self.optimizer.param_groups[0]["lr"]
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(1)
         return {
             "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "update_skipped": float(not updated),
         }
