@@ -178,8 +178,8 @@ def apply_cpu_shims() -> bool:
     from megatron.core.optimizer import optimizer as megatron_optimizer
     from megatron.core.tensor_parallel import random as tp_random
 
-    # 1. The global memory buffer (used by sequence-parallel all-gathers) allocates on the CUDA device; replace the
-    #    function initialize_model_parallel calls to create it, so that every (re)initialisation gets a CPU one.
+    # 1. The global memory buffer (the local attention's score buffer, all-gathers) allocates on the CUDA device;
+    #    replace the function initialize_model_parallel calls to create it, so every (re)initialisation gets a CPU one.
     parallel_state._set_global_memory_buffer = _set_cpu_memory_buffer
     # 2. RoPE, DDP grad buffers and attention masks allocate on torch.cuda.current_device(); make that the CPU.
     torch.cuda.current_device = lambda: _CPU

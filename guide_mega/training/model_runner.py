@@ -52,6 +52,10 @@ class ModelRunner:
         total_optimizer_steps: int = 1,
     ) -> None:
         self.arch, self.layout, self.micro_batch_tokens = arch, layout, micro_batch_tokens
+        if parallel.sequence_parallel and not transformer_engine_available():
+            raise ValueError(
+                "parallel.sequence_parallel needs Transformer Engine (the local spec's torch norms do not support it)"
+            )
         self.dtype = DTYPES[model.dtype]
         self.config = transformer_config(
             arch,

@@ -51,3 +51,19 @@ def test_unsupported_configs_name_the_file_and_key(tiny_checkpoints, tmp_path, f
 def test_missing_config_names_the_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         read_architecture(tmp_path)
+
+
+def test_sequence_parallel_without_transformer_engine_is_refused(tiny_checkpoints, single_process_megatron):
+    from guide_mega.config import ModelConfig, ParallelConfig
+    from guide_mega.training.distributed import init_parallel
+    from guide_mega.training.model import transformer_engine_available
+    from guide_mega.training.model_runner import ModelRunner
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine supports sequence parallelism")
+    arch = read_architecture(tiny_checkpoints["qwen2"])
+    with pytest.raises(ValueError, match="sequence_parallel needs Transformer Engine"):
+        ModelRunner(
+            tiny_checkpoints["qwen2"], arch, init_parallel(), model=ModelConfig(dtype="float32"),
+            parallel=ParallelConfig(tensor=2, sequence_parallel=True), micro_batch_tokens=64,
+        )  # fmt: skip
