@@ -1,6 +1,7 @@
 """Rollout engines behind one protocol: HFEngine (transformers) and the SGLang engines (sglang_engine.py)."""
 
 from guide_mega.rollout.engine import Completion, RolloutEngine, SamplingParams, bucket_named_tensors
+from guide_mega.rollout.factory import create_rollout_engine
 from guide_mega.rollout.hf_engine import HFEngine
 
-__all__ = ["Completion", "HFEngine", "RolloutEngine", "SamplingParams", "bucket_named_tensors"]
+__all__ = ["Completion", "HFEngine", "RolloutEngine", "SamplingParams", "bucket_named_tensors", "create_rollout_engine"]

@@ -48,6 +48,10 @@ class SGLangServerError(RuntimeError):
         self.status = status
 
 
+class _Retryable(SGLangServerError):
+    """A failure that may pass on another try: no connection, a timeout, or 429/5xx while the server is busy."""
+
+
 def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
     """SGLang `sampling_params` for `sampling` (temperature 0 is greedy there too)."""
     payload: dict[str, Any] = {
@@ -118,6 +122,25 @@ class SGLangServerEngine:
             raise ValueError("rollout.sglang_url: needed for the SGLang server client")
         return cls(config.sglang_url, **options)
 
+    def _attempt(self, request: urllib.request.Request, endpoint: str, timeout_s: float) -> Any:
+        """One HTTP exchange; raises _Retryable for failures worth another try, SGLangServerError for the rest."""
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                body = response.read()
+            return json.loads(body) if body else None
+        except urllib.error.HTTPError as exc:
+            message = (
+                f"SGLang server {self.url}{endpoint}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"
+            )
+            if exc.code in _RETRY_STATUSES:
+                raise _Retryable(message, status=exc.code) from None
+            raise SGLangServerError(message, status=exc.code) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise _Retryable(
+                f"SGLang server {self.url} is not reachable ({endpoint}): {reason}; is it running?"
+            ) from None
+
     def _call(self, endpoint: str, payload: dict | None = None, *, timeout_s: float | None = None) -> Any:
         """POST `payload` (GET when None) to `endpoint`; the decoded JSON answer (None for an empty body)."""
         data = json.dumps(payload).encode() if payload is not None else None
@@ -126,27 +149,13 @@ class SGLangServerEngine:
         )
         for attempt in range(self.max_retries + 1):
             try:
-                with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
-                    body = response.read()
-                return json.loads(body) if body else None
-            except urllib.error.HTTPError as exc:
-                message = exc.read().decode(errors="replace")[:500]
-                if exc.code not in _RETRY_STATUSES or attempt == self.max_retries:
-                    raise SGLangServerError(
-                        f"SGLang server {self.url}{endpoint}: HTTP {exc.code}: {message}", status=exc.code
-                    ) from None
-                cause = f"HTTP {exc.code}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                return self._attempt(request, endpoint, timeout_s or self.timeout_s)
+            except _Retryable as exc:
                 if attempt == self.max_retries:
-                    raise SGLangServerError(
-                        f"SGLang server {self.url} is not reachable ({endpoint}, {self.max_retries + 1} attempts): "
-                        f"{getattr(exc, 'reason', exc)}; is it running?"
-                    ) from None
-                cause = str(getattr(exc, "reason", exc))
-            delay_s = self.retry_backoff_s * 2**attempt
-            logger.warning("SGLang %s%s failed (%s); retry in %.1f s", self.url, endpoint, cause, delay_s)
-            time.sleep(delay_s)
-        raise AssertionError("unreachable")
+                    raise SGLangServerError(f"{exc} ({attempt + 1} attempts)", status=exc.status) from None
+                delay_s = self.retry_backoff_s * 2**attempt
+                logger.warning("%s; retry in %.1f s", exc, delay_s)
+                time.sleep(delay_s)
 
     def check_health(self, *, timeout_s: float = 10.0) -> None:
         """Raise SGLangServerError unless the server answers /health."""

@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from guide_mega.config import RolloutConfig
 from guide_mega.rollout.engine import SamplingParams
+from guide_mega.rollout.factory import create_rollout_engine
+from guide_mega.rollout.hf_engine import HFEngine
 from guide_mega.rollout.sglang_engine import SGLangServerEngine, SGLangServerError, sampling_payload
 
 
@@ -123,7 +126,9 @@ def test_client_errors_are_not_retried(fake_server):
 
 def test_clear_error_when_the_server_is_gone():
     engine = SGLangServerEngine("http://127.0.0.1:9", max_retries=1, retry_backoff_s=0.01, timeout_s=2)
-    with pytest.raises(SGLangServerError, match=r"http://127\.0\.0\.1:9 is not reachable \(/health, 2 attempts\)"):
+    with pytest.raises(
+        SGLangServerError, match=r"http://127\.0\.0\.1:9 is not reachable \(/health\): .* \(2 attempts\)"
+    ):
         engine.check_health()
 
 
@@ -144,3 +149,11 @@ def test_disk_weight_update_writes_a_loadable_checkpoint(fake_server, tmp_path):
     assert (tmp_path / "push" / "config.json").is_file()
     with pytest.raises(ValueError, match="need weight_dir and model_dir"):
         SGLangServerEngine(url).update_weights(iter(weights.items()))
+
+
+def test_factory_picks_the_configured_engine(tiny_model_dir, fake_server):
+    assert isinstance(create_rollout_engine(tiny_model_dir, RolloutConfig(engine="hf")), HFEngine)
+    url, _ = fake_server
+    client = create_rollout_engine(tiny_model_dir, RolloutConfig(engine="sglang", sglang_url=url))
+    assert isinstance(client, SGLangServerEngine)
+    assert client.weight_dir == tiny_model_dir.with_name(f"{tiny_model_dir.name}.rollout_weights")
