@@ -101,3 +101,24 @@ def test_learning_rate_follows_warmup_then_cosine_decay(tiny_checkpoints, single
     lrs = [policy.train(batch)["actor/lr"] for _ in range(5)]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
     assert lrs[2] > lrs[3] > lrs[4] == pytest.approx(1e-4)
+
+
+def test_kl_to_the_frozen_reference_starts_at_zero_and_grows(tiny_checkpoints, single_process_megatron):
+    from guide_mega.config import ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
+    from guide_mega.training.policy import MegatronPolicy
+
+    policy = MegatronPolicy(
+        model=ModelConfig(path=str(tiny_checkpoints["llama"]), dtype="float32"),
+        parallel=ParallelConfig(),
+        algorithm=AlgorithmConfig(kl_coef=0.1, kl_estimator="k3"),
+        optimizer=OptimizerConfig(lr=1e-2),
+        train=TrainConfig(micro_batch_tokens=4096, prompts_per_step=1),
+        total_optimizer_steps=10,
+    )
+    batch = make_train_batch()
+    first = policy.train(batch)
+    batch.old_logprobs_T = None
+    second = policy.train(batch)
+    assert first["actor/kl"] == pytest.approx(0.0, abs=1e-7)
+    assert second["actor/kl"] > 1e-6
+    assert not any(param.requires_grad for param in policy.reference.module.parameters())
