@@ -49,7 +49,7 @@ class SGLangServerError(RuntimeError):
 
 
 class _Retryable(SGLangServerError):
-    """A failure that may pass on another try: no connection, a timeout, or 429/5xx while the server is busy."""
+    """A failure that may pass on another try: no connection, or 429/5xx while the server starts or is busy."""
 
 
 def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
@@ -90,7 +90,7 @@ class SGLangServerEngine:
     """`RolloutEngine` client of an SGLang server at `url`; requests go out in concurrent chunks.
 
     Every call retries connection failures and 429/5xx answers `max_retries` times with exponential backoff, then
-    raises SGLangServerError naming the server; other HTTP errors raise at once with the server's message.
+    raises SGLangServerError naming the server; other HTTP errors and timeouts raise at once.
     """
 
     def __init__(
@@ -137,6 +137,11 @@ class SGLangServerEngine:
             raise SGLangServerError(message, status=exc.code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError):
+                # Not resent: the server may still be working on it, and a second copy would double its load.
+                raise SGLangServerError(
+                    f"SGLang server {self.url}{endpoint}: no answer within {timeout_s:g} s"
+                ) from None
             raise _Retryable(
                 f"SGLang server {self.url} is not reachable ({endpoint}): {reason}; is it running?"
             ) from None

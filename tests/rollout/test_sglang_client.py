@@ -157,3 +157,12 @@ def test_factory_picks_the_configured_engine(tiny_model_dir, fake_server):
     client = create_rollout_engine(tiny_model_dir, RolloutConfig(engine="sglang", sglang_url=url))
     assert isinstance(client, SGLangServerEngine)
     assert client.weight_dir == tiny_model_dir.with_name(f"{tiny_model_dir.name}.rollout_weights")
+
+
+def test_timeouts_are_not_resent(fake_server):
+    url, state = fake_server
+    engine = SGLangServerEngine(url, timeout_s=0.01, max_retries=3, retry_backoff_s=0.01)
+    with pytest.raises(SGLangServerError, match=r"/generate: no answer within 0\.01 s"):
+        engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
+    time.sleep(0.1)
+    assert [path for path, _ in state["calls"]] == ["/generate"]
