@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 # Panels of the training-curves PNG written after `train`.
@@ -28,18 +29,15 @@ def _doctor(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from guide_mega.config import load_config
     from guide_mega.evaluation.plots import plot_training_curves
-    from guide_mega.trainer import build_trainer, latest_checkpoint
+    from guide_mega.trainer import run_training
 
+    # Megatron warns at import and in every step about optional accelerators it lacks (apex, Transformer Engine)
+    # and about its own deprecations; `guide-mega doctor` reports what is installed, so here they only bury the
+    # progress bar.
+    warnings.filterwarnings("ignore", module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     config = load_config(args.config, args.overrides)
-    trainer = build_trainer(config)
-    checkpoint = latest_checkpoint(trainer.checkpoint_root(), mode=config.checkpoint.resume)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    try:
-        trainer.fit()
-    finally:
-        trainer.run_log.close()
-        trainer.close()
+    trainer = run_training(config)
     if trainer.is_main and trainer.run_log.rows:
         run_dir = Path(config.logging.run_dir)
         table = trainer.run_log.summary_table()

@@ -196,6 +196,20 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run_training(config: Config) -> Trainer:
+    """Build the run, resume per checkpoint.resume, train to train.steps, and release engine and workers."""
+    trainer = build_trainer(config)
+    checkpoint = latest_checkpoint(trainer.checkpoint_root(), mode=config.checkpoint.resume)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    try:
+        trainer.fit()
+    finally:
+        trainer.run_log.close()
+        trainer.close()
+    return trainer
+
+
 def latest_checkpoint(root: Path, *, mode: str) -> Path | None:
     """The checkpoint to resume from under checkpoint.resume = auto | never | must."""
     if mode == "never":

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from guide_mega.config import load_config
-from guide_mega.trainer import build_trainer, latest_checkpoint
+from guide_mega.trainer import run_training
 
 
 def _config(model_dir, data_path, run_dir, **overrides):
@@ -24,16 +24,8 @@ def _config(model_dir, data_path, run_dir, **overrides):
 
 
 def _run(config):
-    trainer = build_trainer(config)
-    checkpoint = latest_checkpoint(trainer.checkpoint_root(), mode=config.checkpoint.resume)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    try:
-        trainer.fit()
-    finally:
-        trainer.run_log.close()
-        trainer.close()
-    return [json.loads(line) for line in (config.logging.run_dir and open(f"{config.logging.run_dir}/metrics.jsonl"))]
+    run_training(config)
+    return [json.loads(line) for line in open(f"{config.logging.run_dir}/metrics.jsonl")]
 
 
 _COMPARED = (
