@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -100,6 +101,8 @@ def _write_table(rows: list[tuple[str, float, int]], args: argparse.Namespace, r
 
 def main() -> None:
     args = _parse_args()
+    # A timeout's SIGTERM becomes an exception, so the SGLang server's context manager still stops it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_rollout: terminated"))
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_path(args.model)
     requests = _requests(AutoTokenizer.from_pretrained(model_dir), args)

@@ -14,6 +14,7 @@ whole group (server, scheduler and detokenizer processes) on exit.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -25,7 +26,8 @@ from pathlib import Path
 SGLANG_VERSION = "0.5.21"
 # The torch this SGLang release pins; a CPU build of it must be what pip resolves (a local wheel or an index).
 TORCH_SPEC = "torch==2.13.0"
-# What SGLang's HTTP server, scheduler and Llama path import, as measured with sglang 0.5.21 on CPU.
+# What SGLang's HTTP server, scheduler and Llama path import, as measured with sglang 0.5.21 on CPU (pinned where
+# sglang pins them).
 _SERVER_REQUIREMENTS = (
     "transformers==5.12.1",
     "triton==3.9.0",
@@ -47,7 +49,7 @@ _SERVER_REQUIREMENTS = (
     "prometheus-client",
     "interegular",
     "partial_json_parser",
-    "sentencepiece",
+    "sentencepiece==0.2.1",
     "tiktoken",
     "pillow",
     "einops",
@@ -60,10 +62,10 @@ _SERVER_REQUIREMENTS = (
     "dill",
     "compressed-tensors",
     "gguf",
-    "openai",
+    "openai==2.6.1",
     "jsonschema",
-    "xgrammar",
-    "soundfile",
+    "xgrammar==0.2.7",
+    "soundfile==0.13.1",
 )
 _STUB_DOC = '"""Stand-in for SGLang\'s CPU test server (guide_mega.rollout.sglang_server): importable, never used."""\n'
 _PLACEHOLDER_MODULE = (
@@ -107,6 +109,7 @@ _STUB_MODULES = {
     "torchvision/transforms/v2/functional.py": _PLACEHOLDER_MODULE,
 }
 _READY_MARKER = ".guide_mega_ready"
+_PR_SET_PDEATHSIG = 1
 
 
 def _pip(venv_dir: Path, *args: str) -> None:
@@ -134,6 +137,11 @@ def build_cpu_venv(venv_dir: str | Path, *, python: str = "python3") -> Path:
     write_stubs(venv_dir / "stubs")
     marker.write_text(recipe)
     return venv_dir
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -185,9 +193,15 @@ class LocalSGLangServer:
 
     def start(self) -> LocalSGLangServer:
         with self.log_path.open("wb") as log:
-            # A new session makes the server the leader of a process group we can stop as a whole.
+            # A new session makes the server the leader of a process group we can stop as a whole; the parent-death
+            # signal stops it (and it stops its children) if this process dies without running stop().
             self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
