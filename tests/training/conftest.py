@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +11,10 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))  # the helpers below (tiny_models, dist_worker) sit beside the tests
 
 from tiny_models import save_tiny_model  # noqa: E402
+from torchrun_launch import run_torchrun  # noqa: E402
 
 # (family, tied embeddings): Llama-3 untied, Qwen2 tied (with qkv bias), Qwen3 untied (with qk-norm).
 FAMILIES = (("llama", False), ("qwen2", True), ("qwen3", False))
-_TORCHRUN_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -39,25 +36,6 @@ def single_process_megatron():
     destroy_parallel()
     yield
     destroy_parallel()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_torchrun(nproc: int, *args: str) -> None:
-    """Run dist_worker.py under torchrun with nproc gloo processes (one thread each); raise with its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}", str(HERE / "dist_worker.py"), *args,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_TORCHRUN_TIMEOUT_S)
-    if result.returncode != 0:
-        raise AssertionError(f"torchrun {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}"
-                             f"\n{result.stderr[-8000:]}")  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_torchrun
 from tiny_models import make_train_batch
+from torchrun_launch import run_torchrun
 
 from guide_mega.training.checkpoint import METADATA_FILE, list_checkpoints, prune_checkpoints
 
