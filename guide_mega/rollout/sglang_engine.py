@@ -315,6 +315,7 @@ class SGLangColocatedEngine:
         tp_size: int = 1,
         dtype: str = "bfloat16",
         random_seed: int = 0,
+        enable_memory_saver: bool = True,
         **engine_options: Any,
     ) -> None:
         import sglang
@@ -326,7 +327,7 @@ class SGLangColocatedEngine:
             tp_size=tp_size,
             dtype=dtype,
             random_seed=random_seed,
-            enable_memory_saver=True,
+            enable_memory_saver=enable_memory_saver,
             **engine_options,
         )
 
