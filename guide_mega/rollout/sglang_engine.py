@@ -303,6 +303,12 @@ def _new_weight_group(*, backend: str, init_method: str, world_size: int, group_
     return group
 
 
+def _check_engine_answer(answer: Any, call: str) -> None:
+    """sglang.Engine's weight calls answer (success, message); a refusal must not pass silently."""
+    if isinstance(answer, tuple) and answer and answer[0] is False:
+        raise SGLangServerError(f"sglang.Engine.{call} failed: {answer[1] if len(answer) > 1 else answer}")
+
+
 class SGLangColocatedEngine:
     """`RolloutEngine` over an in-process `sglang.Engine` sharing the GPUs with training (memory saver on)."""
 
@@ -347,9 +353,18 @@ class SGLangColocatedEngine:
         return [completion_from_output(output) for output in outputs]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push weights one bucket at a time (bounding the extra memory), flushing the prefix cache once at the end."""
+        """Push weights one bucket at a time (bounding the extra memory), flushing the prefix cache once at the end.
+
+        SGLang >= 0.5.20 takes weights only inside a begin/end weight-update session; older engines have neither call.
+        """
+        has_session = hasattr(self._engine, "begin_weight_update")
+        if has_session:
+            _check_engine_answer(self._engine.begin_weight_update(), "begin_weight_update")
         for bucket in bucket_named_tensors(named_tensors, bucket_bytes=self.bucket_bytes):
-            self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+            answer = self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
+            _check_engine_answer(answer, "update_weights_from_tensor")
+        if has_session:
+            _check_engine_answer(self._engine.end_weight_update(), "end_weight_update")
         self._engine.flush_cache()
 
     def sleep(self) -> None:

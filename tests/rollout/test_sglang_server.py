@@ -6,6 +6,7 @@ The environment (sglang 0.5.21 with a CPU torch, ~2.6 GB, ~3 min to build) lives
 """
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,37 @@ def test_weight_updates_from_disk_and_by_broadcast(server, tiny_model_dir, smoll
             torch.testing.assert_close(
                 torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), atol=LOGPROB_ATOL, rtol=0
             )
+
+
+COLOCATED_SCRIPT = """
+import sys
+import torch
+from guide_mega.rollout.engine import SamplingParams
+from guide_mega.rollout.sglang_engine import SGLangColocatedEngine
+
+model_dir, weights_path, output_path = sys.argv[1:]
+engine = SGLangColocatedEngine(model_dir, mem_fraction_static=0.3, bucket_bytes=1 << 20, dtype="float32",
+                               device="cpu", enable_memory_saver=False, max_total_tokens=4096)
+prompts = torch.load(weights_path)["prompts"]
+engine.update_weights(iter(torch.load(weights_path)["weights"]))
+completions = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8))
+torch.save([(c.response_ids, c.logprobs) for c in completions], output_path)
+engine.close()
+"""
+
+
+def test_colocated_engine_updates_weights_in_buckets(tiny_model_dir, smollm2_tokenizer, prompt_ids, tmp_path):
+    """The in-process sglang.Engine, run by the SGLang environment's Python (the memory saver needs a GPU)."""
+    venv = sglang_venv()
+    weights = new_weights(smollm2_tokenizer, 3)
+    torch.save({"weights": weights, "prompts": prompt_ids}, tmp_path / "weights.pt")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{venv / 'stubs'}", "SGLANG_USE_CPU_ENGINE": "1"}
+    command = [str(venv / "bin" / "python"), "-c", COLOCATED_SCRIPT, str(tiny_model_dir)]
+    subprocess.run([*command, str(tmp_path / "weights.pt"), str(tmp_path / "out.pt")], env=env, check=True, timeout=600)
+    reference = HFEngine(tiny_model_dir)
+    reference.update_weights(iter(weights))
+    expected = reference.generate(prompt_ids, SamplingParams(temperature=0, max_new_tokens=8))
+    for ours, (ids, logprobs) in zip(expected, torch.load(tmp_path / "out.pt"), strict=True):
+        assert ids == ours.response_ids
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ours.logprobs), atol=LOGPROB_ATOL, rtol=0)
