@@ -1,4 +1,4 @@
-# Two entry points: `make test` (CPU test suite) and, once the trainer lands, `make demo`.
+# Two entry points: `make demo` (Guide-GRPO on the embedded default, on a CPU) and `make test` (the CPU suite).
 # TORCH_SPEC pins torch before anything else is installed: the default is the CPU wheel; on a CUDA cluster
 # use e.g. `make test TORCH_SPEC='torch==2.9.1' EXTRAS=dev,data,gpu`.
 PYTHON ?= python3
@@ -6,10 +6,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,data
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format bench clean
+.PHONY: install demo test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/guide-mega train --config configs/demo_cpu.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from guide_mega.config import Config, dump_config
+from guide_mega.evaluation.metrics_file import read_metrics
 
 # Columns of the end-of-run summary: (metric key, header, format).
 SUMMARY_COLUMNS = [
@@ -37,7 +38,7 @@ PROGRESS_FIELDS = [
 class RunLog:
     """Writes `<run_dir>/config.yaml`, `metrics.jsonl` and TensorBoard events; shows a bar with an ETA."""
 
-    def __init__(self, run_dir: str | Path, config: Config, *, total_steps: int, first_step: int = 0) -> None:
+    def __init__(self, run_dir: str | Path, config: Config, *, total_steps: int) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, self.run_dir / "config.yaml")
@@ -48,13 +49,21 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-        self._bar = tqdm(
-            total=total_steps,
-            initial=first_step,
-            desc="guide-mega",
-            unit="step",
-            disable=not config.logging.progress_bar,
-        )
+        self._bar = tqdm(total=total_steps, desc="guide-mega", unit="step", disable=not config.logging.progress_bar)
+
+    def begin(self, first_step: int) -> None:
+        """Start logging after step `first_step` (0 for a fresh run, the checkpoint's step on resume).
+
+        Rows of later steps in an existing metrics.jsonl were logged after the checkpoint by a run that then died;
+        those steps are about to run again, so their rows are removed rather than duplicated.
+        """
+        kept = []
+        if first_step > 0 and self.metrics_path.exists():
+            kept = [row for row in read_metrics(self.metrics_path) if row.get("step", 0) <= first_step]
+        self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.rows = kept
+        self._bar.reset(total=self._bar.total)
+        self._bar.update(first_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one step's metrics (non-finite values are written as null, never dropped)."""
@@ -95,6 +104,8 @@ class NullRunLog:
     """The logger of ranks other than 0."""
 
     rows: list[dict] = []
+
+    def begin(self, first_step: int) -> None: ...
 
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
 

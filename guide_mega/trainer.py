@@ -179,6 +179,7 @@ class Trainer:
         """Run until train.steps, checkpointing every checkpoint.every steps, at the end and on SIGTERM."""
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         every = self.config.checkpoint.every
+        saved_at = self.step_index
         try:
             while self.step_index < self.config.train.steps:
                 metrics = self.step()
@@ -187,10 +188,11 @@ class Trainer:
                 stop = bool(_broadcast_object(self._stop_requested))
                 if stop or (every and self.step_index % every == 0):
                     self.save()
+                    saved_at = self.step_index
                 if stop:
                     self.run_log.message("SIGTERM: checkpoint written, stopping")
                     return
-            if not every or self.step_index % every:
+            if saved_at != self.step_index:
                 self.save()
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -202,6 +204,7 @@ def run_training(config: Config) -> Trainer:
     checkpoint = latest_checkpoint(trainer.checkpoint_root(), mode=config.checkpoint.resume)
     if checkpoint is not None:
         trainer.resume(checkpoint)
+    trainer.run_log.begin(trainer.step_index)
     try:
         trainer.fit()
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ matplotlib.use("Agg")  # files only: no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from guide_mega.evaluation.analysis import Decomposition  # noqa: E402
+from guide_mega.evaluation.metrics_file import read_metrics  # noqa: E402
 from guide_mega.evaluation.passk import EvalResults  # noqa: E402
 
 
@@ -44,19 +44,6 @@ def plot_decomposition(decomposition: Decomposition, path: str | Path) -> Path:
     axes.set_ylabel("fraction of problems")
     axes.set_title(f"pass@1 change, reach judged at pass@{decomposition.k}")
     return _save(figure, path)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a metrics.jsonl file; a malformed line raises naming the file and line."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not a JSON object: {exc.msg}") from None
-    return rows
 
 
 def plot_training_curves(metrics_path: str | Path, path: str | Path, *, keys: list[str]) -> Path:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from guide_mega.evaluation.analysis import decompose_pass_at_1_change, hint_lift
+from guide_mega.evaluation.metrics_file import read_metrics
 from guide_mega.evaluation.passk import EvalResults, ProblemResult, pass_at_k, summary_markdown
-from guide_mega.evaluation.plots import plot_decomposition, plot_pass_at_k, plot_training_curves, read_metrics
+from guide_mega.evaluation.plots import plot_decomposition, plot_pass_at_k, plot_training_curves
 
 
 def _exact_pass_at_k(n, c, k):
