@@ -111,7 +111,7 @@ class Trainer:
         batch, metrics = self._collect(timer) if self.is_main else (None, {})
         batch, metrics = _broadcast_object((batch, metrics))
         if batch is None:
-            self.run_log.message(f"step {self.step_index}: no group with reward variance; training skipped")
+            self.run_log.message(f"step {self.step_index + 1}: no group with reward variance; training skipped")
             metrics["train/skipped_step"] = 1.0
         else:
             with timer("old_logprobs"):
