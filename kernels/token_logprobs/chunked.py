@@ -143,11 +143,6 @@ class _LogitsPartials(torch.autograd.Function):
         return grad_logits_TV, None, None, None, None, None
 
 
-def _to_partials(outputs, with_entropy: bool) -> LogprobPartials:
-    max_T, sum_exp_T, target_T, sum_exp_logit_T = outputs
-    return LogprobPartials(max_T, sum_exp_T, target_T, sum_exp_logit_T if with_entropy else None)
-
-
 def logprob_partials_chunked(
     hidden_TH: torch.Tensor,
     weight_VH: torch.Tensor,
@@ -163,7 +158,7 @@ def logprob_partials_chunked(
     outputs = _LinearPartials.apply(
         hidden_TH, weight_VH, target_ids_T, temperature, vocab_start, with_entropy, (token_chunk, vocab_chunk)
     )
-    return _to_partials(outputs, with_entropy)
+    return LogprobPartials.from_outputs(outputs, with_entropy=with_entropy)
 
 
 def logprob_partials_from_logits_chunked(
@@ -177,4 +172,4 @@ def logprob_partials_from_logits_chunked(
 ) -> LogprobPartials:
     """Partials of precomputed logits [T, V_local], upcasting one [token_chunk, V_local] block at a time."""
     outputs = _LogitsPartials.apply(logits_TV, target_ids_T, temperature, vocab_start, with_entropy, token_chunk)
-    return _to_partials(outputs, with_entropy)
+    return LogprobPartials.from_outputs(outputs, with_entropy=with_entropy)

@@ -384,11 +384,6 @@ class _LinearPartials(torch.autograd.Function):
         return grad_hidden_TH, grad_weight_VH, None, None, None, None
 
 
-def partials_from_outputs(outputs, with_entropy: bool) -> LogprobPartials:
-    max_T, sum_exp_T, target_T, sum_exp_logit_T = outputs
-    return LogprobPartials(max_T, sum_exp_T, target_T, sum_exp_logit_T if with_entropy else None)
-
-
 def logprob_partials_triton(
     hidden_TH: torch.Tensor,
     weight_VH: torch.Tensor,
@@ -400,4 +395,4 @@ def logprob_partials_triton(
 ) -> LogprobPartials:
     """Partials of the shard weight_VH [V_local, H] for hidden_TH [T, H] (fp32/bf16/fp16), logits never stored."""
     outputs = _LinearPartials.apply(hidden_TH, weight_VH, target_ids_T, temperature, vocab_start, with_entropy)
-    return partials_from_outputs(outputs, with_entropy)
+    return LogprobPartials.from_outputs(outputs, with_entropy=with_entropy)

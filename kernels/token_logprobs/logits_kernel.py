@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel import FIRST_MAX, INTERPRETED, local_target_ids, online_update, partials_from_outputs, tile_dlogits
+from .kernel import FIRST_MAX, INTERPRETED, local_target_ids, online_update, tile_dlogits
 from .partials import LogprobPartials, dlogit_coefficients
 
 
@@ -178,4 +178,4 @@ def logprob_partials_from_logits_triton(
 ) -> LogprobPartials:
     """Partials of precomputed logits [T, V_local], read once in a streaming online log-sum-exp."""
     outputs = _LogitsPartials.apply(logits_TV, target_ids_T, temperature, vocab_start, with_entropy)
-    return partials_from_outputs(outputs, with_entropy)
+    return LogprobPartials.from_outputs(outputs, with_entropy=with_entropy)

@@ -45,6 +45,13 @@ class LogprobPartials:
     target_logit_T: torch.Tensor
     sum_exp_logit_T: torch.Tensor | None = None
 
+    @classmethod
+    def from_outputs(cls, outputs, *, with_entropy: bool) -> LogprobPartials:
+        """From an implementation's (max, sum_exp, target_logit, sum_exp_logit) outputs; the entropy partial is
+        kept only when asked for (autograd functions always return all four)."""
+        max_T, sum_exp_T, target_T, sum_exp_logit_T = outputs
+        return cls(max_T, sum_exp_T, target_T, sum_exp_logit_T if with_entropy else None)
+
 
 def dlogit_coefficients(
     grad_sum_exp_T: torch.Tensor | None, grad_target_T: torch.Tensor | None, grad_sum_exp_logit_T: torch.Tensor | None
