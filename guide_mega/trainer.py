@@ -18,12 +18,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from guide_mega.algorithms.advantages import gae_advantages_packed, terminal_rewards_packed
 from guide_mega.config import Config
 from guide_mega.data.batch import build_train_batch, sequence_advantages
 from guide_mega.experience import Experience, ExperienceCollector
 from guide_mega.rollout.engine import SamplingParams, bucket_named_tensors
 from guide_mega.run_log import NullRunLog, RunLog
 from guide_mega.types import TrainBatch
+
+# The critic's checkpoints sit beside the policy's, under <checkpoint root>/critic/step_<n>.
+CRITIC_DIR = "critic"
 
 
 def _rank() -> int:
@@ -76,10 +80,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """Owns one run: the policy (every rank), and on rank 0 the engine, rewards, prompt loader and logs."""
+    """Owns one run: the policy and, for GAE, the critic (every rank); on rank 0 the engine, rewards, prompt loader
+    and logs."""
 
-    def __init__(self, config: Config, *, policy, collector: ExperienceCollector | None, loader, run_log) -> None:
+    def __init__(
+        self, config: Config, *, policy, collector: ExperienceCollector | None, loader, run_log, critic=None
+    ) -> None:
         self.config, self.policy, self.collector, self.loader = config, policy, collector, loader
+        self.critic = critic
         self.run_log = run_log if run_log is not None else NullRunLog()
         self.is_main = _rank() == 0
         self.step_index = 0
@@ -101,8 +109,29 @@ class Trainer:
         metrics["perf/rollout_tokens_per_s"] = experience.num_generated_tokens / max(timer.seconds["rollout"], 1e-9)
         if not experience.groups:
             return None, metrics
+        if self.config.algorithm.estimator == "gae":
+            # Per-token advantages need the critic's values, computed on every rank after the broadcast.
+            return build_train_batch(experience.groups, None), metrics
         advantages_S = sequence_advantages(experience.groups, self.config.algorithm)
         return build_train_batch(experience.groups, advantages_S), metrics
+
+    def _estimate_gae(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """PPO: value the batch with the critic and fill batch.advantages_T with GAE. Returns (old values [T],
+        returns [T], metrics); every rank gets the same values, hence the same advantages."""
+        algorithm = self.config.algorithm
+        old_values_T = self.critic.compute_values(batch)
+        rewards_T = terminal_rewards_packed(batch.rewards_S, batch.cu_seqlens_S1)
+        advantages_T, returns_T = gae_advantages_packed(
+            rewards_T, old_values_T, batch.cu_seqlens_S1, gamma=algorithm.gae_gamma, lam=algorithm.gae_lambda
+        )
+        batch.advantages_T = advantages_T
+        metrics = {
+            "critic/old_value_mean": float(old_values_T.mean()),
+            "critic/return_mean": float(returns_T.mean()),
+            "critic/advantage_mean": float(advantages_T.mean()),
+            "critic/advantage_std": float(advantages_T.std()) if advantages_T.numel() > 1 else 0.0,
+        }
+        return old_values_T, returns_T, metrics
 
     def step(self) -> dict[str, float]:
         """One RL step; returns its metrics (identical on every rank)."""
@@ -117,8 +146,15 @@ class Trainer:
             with timer("old_logprobs"):
                 self.policy.compute_old_logprobs(batch)
             metrics.update(_logprob_mismatch(batch))
+            if self.critic is not None:
+                with timer("values"):
+                    old_values_T, returns_T, gae_metrics = self._estimate_gae(batch)
+                metrics.update(gae_metrics)
             with timer("train"):
                 metrics.update(self.policy.train(batch))
+            if self.critic is not None:
+                with timer("critic_train"):
+                    metrics.update(self.critic.train(batch, returns_T=returns_T, old_values_T=old_values_T))
             with timer("weight_sync"):
                 self._sync_weights()
             num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.response_ids_T.numel()
@@ -147,18 +183,25 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint policy, optimizer and the loop's state (data position, RNG) at the current step."""
         extra = _broadcast_object({"loader": self.loader.state_dict(), "rng": rng_state()} if self.is_main else None)
+        if self.critic is not None:
+            # Before the policy: a complete policy checkpoint then always has its critic beside it.
+            self.critic.save_checkpoint(self.checkpoint_root() / CRITIC_DIR, self.step_index)
         path = self.policy.save_checkpoint(self.checkpoint_root(), self.step_index, extra=extra)
         if self.config.checkpoint.export_hf:
             self.policy.save_hf(Path(path) / "hf")
         from guide_mega.training.checkpoint import prune_checkpoints
 
         prune_checkpoints(self.checkpoint_root(), keep_last=self.config.checkpoint.keep_last)
+        if self.critic is not None:
+            prune_checkpoints(self.checkpoint_root() / CRITIC_DIR, keep_last=self.config.checkpoint.keep_last)
         self.run_log.message(f"checkpoint: {path}")
         return Path(path)
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint: weights and optimizer, data position, RNG, and the engine's weights."""
         self.step_index, extra = self.policy.load_checkpoint(path)
+        if self.critic is not None:
+            self.critic.load_checkpoint(Path(path).parent / CRITIC_DIR / Path(path).name)
         if self.is_main:
             self.loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"])
@@ -257,8 +300,9 @@ def build_trainer(config: Config) -> Trainer:
         total_optimizer_steps=config.train.steps * config.train.mini_batches_per_step,
         temperature=config.rollout.temperature,
     )
+    critic = _build_critic(config, model_dir)
     if _rank() != 0:
-        return Trainer(config, policy=policy, collector=None, loader=None, run_log=None)
+        return Trainer(config, policy=policy, collector=None, loader=None, run_log=None, critic=critic)
     if config.rollout.engine != "hf":
         raise NotImplementedError("rollout.engine='sglang' is not wired into the trainer yet; use rollout.engine=hf")
     engine = HFEngine.from_config(model_dir, config.rollout, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -275,7 +319,7 @@ def build_trainer(config: Config) -> Trainer:
         sampling=SamplingParams.from_config(config.rollout),
         group_size=config.rollout.group_size,
     )
-    trainer = Trainer(config, policy=policy, collector=collector, loader=loader, run_log=None)
+    trainer = Trainer(config, policy=policy, collector=collector, loader=loader, run_log=None, critic=critic)
     trainer.run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
     if prompt_set.num_skipped_rows or prompt_set.num_without_hint:
         trainer.run_log.message(
@@ -283,3 +327,19 @@ def build_trainer(config: Config) -> Trainer:
             f"{prompt_set.num_without_hint} problems without a usable hint"
         )
     return trainer
+
+
+def _build_critic(config: Config, model_dir: Path):
+    """The PPO critic (every rank) when the estimator is GAE, started from the policy's checkpoint; else None."""
+    if config.algorithm.estimator != "gae":
+        return None
+    from guide_mega.training.critic import MegatronCritic
+
+    return MegatronCritic(
+        model=dataclasses.replace(config.model, path=str(model_dir)),
+        parallel=config.parallel,
+        algorithm=config.algorithm,
+        optimizer=config.optimizer,
+        train=config.train,
+        total_optimizer_steps=config.train.steps * config.train.mini_batches_per_step,
+    )

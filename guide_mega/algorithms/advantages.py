@@ -218,3 +218,17 @@ def gae_advantages_packed(
     advantages_BT, returns_BT = gae_advantages(*padded, gamma=gamma, lam=lam)
     valid_BT = padded[2].bool()
     return advantages_BT[valid_BT], returns_BT[valid_BT]
+
+
+def terminal_rewards_packed(rewards_S: torch.Tensor, cu_seqlens_S1: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards [T] of packed sequences: sequence s's outcome reward on its last token, 0 elsewhere.
+
+    A verifiable reward scores the whole response, so it arrives with the final token (an empty response has no
+    token to carry it).
+    """
+    if rewards_S.dim() != 1 or cu_seqlens_S1.numel() != rewards_S.numel() + 1:
+        raise ValueError(f"{rewards_S.numel()} rewards for {cu_seqlens_S1.numel() - 1} sequences")
+    rewards_T = torch.zeros(int(cu_seqlens_S1[-1]), dtype=rewards_S.dtype)
+    non_empty_S = cu_seqlens_S1[1:] > cu_seqlens_S1[:-1]
+    rewards_T[cu_seqlens_S1[1:][non_empty_S] - 1] = rewards_S[non_empty_S]
+    return rewards_T

@@ -35,13 +35,19 @@ def sequence_advantages(groups: list[RolloutGroup], algorithm: AlgorithmConfig) 
     )
 
 
-def build_train_batch(groups: list[RolloutGroup], advantages_S: torch.Tensor) -> TrainBatch:
-    """Pack the rollouts of `groups` (in order) with one advantage per rollout, broadcast over its tokens."""
+def build_train_batch(groups: list[RolloutGroup], advantages_S: torch.Tensor | None) -> TrainBatch:
+    """Pack the rollouts of `groups` (in order) with one advantage per rollout, broadcast over its tokens.
+
+    advantages_S=None leaves advantages_T at 0 for an estimator that assigns them per token later, once the batch
+    has been valued (GAE: `Trainer` fills them from the critic on every rank).
+    """
     rollouts = [rollout for group in groups for rollout in group.rollouts]
-    if len(rollouts) != advantages_S.numel():
-        raise ValueError(f"{advantages_S.numel()} advantages for {len(rollouts)} rollouts")
     if not rollouts:
         raise ValueError("cannot build a train batch from no rollouts")
+    if advantages_S is None:
+        advantages_S = torch.zeros(len(rollouts))
+    if len(rollouts) != advantages_S.numel():
+        raise ValueError(f"{advantages_S.numel()} advantages for {len(rollouts)} rollouts")
     lengths_S = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.int64)
     cu_seqlens_S1 = torch.zeros(len(rollouts) + 1, dtype=torch.int64)
     cu_seqlens_S1[1:] = lengths_S.cumsum(0)

@@ -12,6 +12,7 @@ from guide_mega.algorithms.advantages import (
     group_advantages,
     group_advantages_reference,
     group_ids_from_sizes,
+    terminal_rewards_packed,
 )
 
 
@@ -165,3 +166,12 @@ def test_gae_padded_and_packed_match_loop():
 def test_gae_packed_rejects_bad_boundaries():
     with pytest.raises(ValueError, match="cu_seqlens"):
         gae_advantages_packed(torch.zeros(4), torch.zeros(4), torch.tensor([0, 3, 2, 4]))
+
+
+def test_terminal_rewards_sit_on_each_last_token():
+    rewards_S = torch.tensor([1.0, 0.5, -2.0, 3.0])
+    cu_seqlens_S1 = torch.tensor([0, 3, 3, 4, 6])  # the second response is empty: its reward has no token
+    rewards_T = terminal_rewards_packed(rewards_S, cu_seqlens_S1)
+    torch.testing.assert_close(rewards_T, torch.tensor([0.0, 0.0, 1.0, -2.0, 0.0, 3.0]))
+    with pytest.raises(ValueError, match="rewards for"):
+        terminal_rewards_packed(rewards_S[:3], cu_seqlens_S1)

@@ -60,3 +60,25 @@ def say_one_prompts(tmp_path_factory):
     rows = [{"id": f"q{i}", "prompt": f"Say one ({i}).", "answer": "1", "hint": "It is small."} for i in range(8)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture
+def tiny_run_config(unigram_model_dir, say_one_prompts, tmp_path):
+    """make(run_name, **overrides) -> Config: a few-second Guide run of the unigram model under tmp_path/run_name."""
+    from guide_mega.config import load_config
+
+    def make(run_name: str, **overrides):
+        values = {
+            "model.path": str(unigram_model_dir), "model.dtype": "float32",
+            "rollout.group_size": 4, "rollout.max_new_tokens": 6, "rollout.temperature": 1.0,
+            "algorithm.guide.enabled": True, "algorithm.guide.filter_zero_variance": False,
+            "optimizer.lr": 0.05, "data.source": str(say_one_prompts), "data.max_prompt_tokens": 128,
+            "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1,
+            "train.steps": 2, "train.prompts_per_step": 2, "train.micro_batch_tokens": 512,
+            "logging.run_dir": str(tmp_path / run_name), "logging.progress_bar": False, "logging.tensorboard": False,
+            "checkpoint.every": 1, "checkpoint.keep_last": 5,
+            **overrides,
+        }  # fmt: skip
+        return load_config(None, [f"{key}={json.dumps(value)}" for key, value in values.items()])
+
+    return make
