@@ -1,4 +1,4 @@
-"""The `guide-mega` command: train, doctor and analyze (eval and convert join as their backends land)."""
+"""The `guide-mega` command: train, eval, analyze and doctor."""
 
 from __future__ import annotations
 
@@ -47,6 +47,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from guide_mega.config import load_config
+    from guide_mega.evaluation.checkpoint_eval import evaluate_checkpoint
+    from guide_mega.evaluation.passk import summary_markdown
+
+    config = load_config(args.config, args.overrides)
+    source = args.data or config.data.eval_source or config.data.source
+    if not source:
+        raise ValueError("no problems to evaluate: pass --data or set data.eval_source / data.source in --config")
+    ks = sorted({int(k) for k in args.k.split(",")})
+    summaries = evaluate_checkpoint(
+        config,
+        checkpoint=args.checkpoint,
+        source=source,
+        output=args.output,
+        num_samples=args.samples,
+        ks=ks,
+        hints=args.hints,
+        greedy=not args.no_greedy,
+        limit=args.limit,
+        held_out_from=load_config(args.held_out_from) if args.held_out_from else None,
+    )
+    for name, summary in summaries.items():
+        if name == "hint_lift":
+            print(f"hint lift: {json.dumps(summary)}")
+        else:
+            print(f"{name}:\n{summary_markdown(summary)}")
+    print(f"written to {args.output}")
+    return 0
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from guide_mega.evaluation.analysis import decompose_pass_at_1_change
     from guide_mega.evaluation.passk import EvalResults
@@ -79,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="YAML config; see docs/configuration.md")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.guide.threshold=0.125")
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="pass@k, greedy pass@1 and per-source tables of a checkpoint, with or without hints"
+    )
+    evaluate.add_argument("--checkpoint", required=True, help="HF dir, training checkpoint with hf/, or embedded:NAME")
+    evaluate.add_argument("--config", help="YAML config for data, reward and sampling settings (else defaults)")
+    evaluate.add_argument("--data", help="problem source (file or generator); default data.eval_source, data.source")
+    evaluate.add_argument("--samples", type=int, default=8, help="samples per problem (n)")
+    evaluate.add_argument("--k", default="1,8", help="comma-separated k values for pass@k (each <= --samples)")
+    evaluate.add_argument("--hints", choices=["none", "with", "both"], default="none", help="'both' gives hint lift")
+    evaluate.add_argument("--no-greedy", action="store_true", help="skip the greedy pass@1 pass")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    evaluate.add_argument("--held-out-from", help="training config whose data.source problems are left out")
+    evaluate.add_argument("--output", default="eval", help="directory for results JSON, markdown and plots")
+    evaluate.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.6")
+    evaluate.set_defaults(run=_eval)
 
     doctor = commands.add_parser("doctor", help="report torch, CUDA, Triton, the C++ op, Megatron, SGLang and GPUs")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")

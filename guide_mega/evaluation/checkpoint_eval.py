@@ -1,0 +1,125 @@
+"""`guide-mega eval`: evaluate a checkpoint on a problem source and write results JSON, a markdown table and plots;
+with hints 'both', also the hint lift (the same problems evaluated without and with their hints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from guide_mega.config import Config
+from guide_mega.evaluation.analysis import hint_lift
+from guide_mega.evaluation.passk import EvalResults, summary_markdown
+from guide_mega.evaluation.runner import EvalSettings, evaluate
+from guide_mega.rollout.engine import SamplingParams
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """An HF model directory for `checkpoint`: an HF directory, a training checkpoint with an `hf/` export
+    (checkpoint.export_hf=true), or `embedded:<name>`."""
+    if checkpoint.startswith("embedded:"):
+        from guide_mega.data import resolve_model_path
+
+        return Path(resolve_model_path(checkpoint))
+    path = Path(checkpoint)
+    for candidate in (path, path / "hf"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ValueError(
+        f"--checkpoint {checkpoint}: no config.json there or in {path / 'hf'}; give an HF model directory, a "
+        "training checkpoint saved with checkpoint.export_hf=true, or convert a Megatron checkpoint with "
+        "`guide-mega convert`"
+    )
+
+
+def _load_problems(config: Config, source: str, limit: int | None, held_out_from: Config | None) -> tuple[list, dict]:
+    """The problems of `source` minus any whose prompt is also in `held_out_from`'s training data, then the first
+    `limit` of them; what was left out is counted in the returned dict."""
+    from guide_mega.data import load_prompt_source
+
+    prompt_set = load_prompt_source(source, config.data)
+    problems = prompt_set.prompts
+    counts = {"malformed_rows": prompt_set.num_skipped_rows, "overlapping_training": 0, "beyond_limit": 0}
+    if held_out_from is not None:
+        training = load_prompt_source(held_out_from.data.source, held_out_from.data).prompts
+        seen = {repr(p.prompt) for p in training}
+        kept = [p for p in problems if repr(p.prompt) not in seen]
+        counts["overlapping_training"] = len(problems) - len(kept)
+        problems = kept
+    if limit is not None and len(problems) > limit:
+        counts["beyond_limit"] = len(problems) - limit
+        problems = problems[:limit]
+    return problems, counts
+
+
+def _write(results: EvalResults, output: Path, name: str, ks: list[int]) -> dict:
+    summary = results.summary([k for k in ks if k <= min(p.num_samples for p in results.problems)])
+    results.save(output / f"{name}.json")
+    (output / f"{name}.md").write_text(summary_markdown(summary))
+    return summary
+
+
+def evaluate_checkpoint(
+    config: Config,
+    *,
+    checkpoint: str,
+    source: str,
+    output: str | Path,
+    num_samples: int,
+    ks: list[int],
+    hints: str = "none",
+    greedy: bool = True,
+    limit: int | None = None,
+    held_out_from: Config | None = None,
+) -> dict:
+    """Evaluate and write `results.json`/`.md` (and `results_hinted.*`, `hint_lift.json` for hints='with'/'both')
+    and `pass_at_k.png`; returns the summaries. With `held_out_from` (a training config), problems of its training
+    data are left out and counted."""
+    from guide_mega.data import render_prompt_ids
+    from guide_mega.evaluation.plots import plot_pass_at_k
+    from guide_mega.rewards import RewardPool
+    from guide_mega.rollout.hf_engine import HFEngine
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_checkpoint(checkpoint)
+    problems, counts = _load_problems(config, source, limit, held_out_from)
+    engine = HFEngine.from_config(model_dir, config.rollout, device="cuda" if torch.cuda.is_available() else "cpu")
+    settings = EvalSettings(
+        num_samples=num_samples,
+        sampling=SamplingParams.from_config(config.rollout, seed=config.train.seed),
+        greedy=greedy,
+        hint_template=config.algorithm.guide.hint_template,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+    )
+    meta = {
+        "checkpoint": str(checkpoint),
+        "model_dir": str(model_dir),
+        "source": source,
+        "source_options": config.data.source_options,
+        "reward": config.reward.name,
+        "left_out": counts,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    tokenize = lambda content: render_prompt_ids(engine.tokenizer, content, system_prompt=config.data.system_prompt)  # noqa: E731
+    runs = {"none": [False], "with": [True], "both": [False, True]}[hints]
+    summaries, curves = {}, {}
+    with RewardPool.from_config(config.reward, lenient=config.reward.lenient) as pool:
+        if hints == "both":
+            problems = [p for p in problems if p.has_hint]  # the lift compares the same problems
+        for with_hints in runs:
+            run_settings = dataclasses.replace(settings, with_hints=with_hints)
+            results = evaluate(engine, pool, problems, tokenize=tokenize, settings=run_settings, meta=meta)
+            name = "results_hinted" if with_hints else "results"
+            summaries[name] = _write(results, output, name, ks)
+            curves["with hint" if with_hints else "without hint"] = results
+    plot_pass_at_k(curves, output / "pass_at_k.png")
+    if hints == "both":
+        lift = hint_lift(curves["without hint"], curves["with hint"], ks=[k for k in ks if k <= num_samples])
+        (output / "hint_lift.json").write_text(json.dumps(lift, indent=1) + "\n")
+        summaries["hint_lift"] = lift
+    engine.close()
+    return summaries
