@@ -200,7 +200,7 @@ class DataConfig:
 @dataclass(kw_only=True)
 class RewardConfig:
     name: str = "math"
-    """Reward function from the registry (math, exact_match, reasoning_gym, ...)."""
+    """Reward function from the registry: math, exact_match, reasoning_gym, code, multiple_choice."""
     timeout_s: float = ranged(5.0, gt=0.0)
     """Per-sample verification timeout; a timeout scores 0 and is counted."""
     num_workers: int = ranged(4, ge=1)
@@ -211,6 +211,12 @@ class RewardConfig:
     """Added to the reward of a well-formatted response (correctness still decides 'solved')."""
     lenient: bool = False
     """Take the last number of a response that marks no answer (for very small models that never write one)."""
+    code_timeout_s: float = ranged(2.0, gt=0.0)
+    """code: wall-clock limit of one sandboxed program run (one per test); timeout_s must cover all the tests."""
+    code_memory_mb: int = ranged(512, ge=64)
+    """code: address-space limit of a sandboxed program run."""
+    code_partial_credit: bool = False
+    """code: reward the fraction of tests passed instead of 1 only when all pass."""
 
 
 @dataclass(kw_only=True)

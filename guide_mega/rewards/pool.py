@@ -22,14 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from guide_mega.config import RewardConfig
-from guide_mega.rewards.verifiers import (
-    RewardOptions,
-    RewardResult,
-    RewardTask,
-    failed_result,
-    get_reward_fn,
-    score_task,
-)
+from guide_mega.rewards.results import RewardOptions, RewardResult, failed_result
+from guide_mega.rewards.sandbox import SandboxLimits
+from guide_mega.rewards.verifiers import RewardTask, get_reward_fn, score_task
 from guide_mega.types import RolloutGroup
 
 logger = logging.getLogger(__name__)
@@ -38,6 +33,8 @@ OutcomeStatus = Literal["ok", "timeout", "error"]
 # Modules the fork server imports once, so each worker (and each replacement) starts with them loaded.
 _PRELOAD = ["guide_mega.rewards.verifiers", "math_verify", "reasoning_gym"]
 _JOIN_TIMEOUT_S = 5.0
+# Time a reward function keeps between its own time budget and the pool's deadline (to return its result).
+_DEADLINE_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -171,11 +168,15 @@ class RewardPool:
     def from_config(cls, config: RewardConfig, *, lenient: bool = False) -> RewardPool:
         # math-verify's own per-operation timeout fires well inside the pool deadline, so a slow sympy call is
         # interrupted cheaply in the worker before the parent has to kill and replace the whole process.
+        # The code reward likewise stops starting tests in time to return its own result before the deadline.
         options = RewardOptions(
             lenient=lenient,
             format_gate=config.format_gate,
             format_bonus=config.format_bonus,
             verify_timeout_s=max(1, int(config.timeout_s // 2)),
+            code_limits=SandboxLimits(wall_s=config.code_timeout_s, memory_mb=config.code_memory_mb),
+            code_partial_credit=config.code_partial_credit,
+            code_time_budget_s=config.timeout_s - _DEADLINE_MARGIN_S,
         )
         return cls(reward_name=config.name, options=options, num_workers=config.num_workers, timeout_s=config.timeout_s)
 

@@ -1,4 +1,5 @@
-"""Reward functions by name: math (math-verify), exact match, and reasoning-gym's own scorers.
+"""Reward functions by name: math (math-verify), exact match, reasoning-gym's own scorers, code (programs run
+against tests in a sandbox, `code.py`) and multiple choice (`choices.py`).
 
 Every reward function has the signature `fn(response, *, answer, metadata, options) -> RewardResult`. They run
 inside the worker processes of `RewardPool` (on the worker's main thread, which math-verify's signal-based
@@ -12,37 +13,15 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from guide_mega.rewards.answers import ExtractedAnswer, extract_answer, extract_boxed, is_well_formatted
-
-RewardStatus = Literal["ok", "timeout", "error"]
+from guide_mega.rewards.answers import ExtractedAnswer, extract_answer, extract_boxed
+from guide_mega.rewards.choices import multiple_choice_reward
+from guide_mega.rewards.code import code_reward
+from guide_mega.rewards.results import RewardOptions, RewardResult, failed_result, finish_result
 
 # Key of Prompt.metadata holding the reasoning-gym entry ({question, answer, metadata}) its scorer needs.
 REASONING_GYM_ENTRY_KEY = "reasoning_gym_entry"
-
-
-@dataclass(frozen=True, kw_only=True)
-class RewardOptions:
-    lenient: bool = False
-    """Fall back to the last number in the response when it marks no answer (for very small models)."""
-    format_gate: bool = False
-    """Reward 0 (and not correct) unless `is_well_formatted(response)`."""
-    format_bonus: float = 0.0
-    """Added to the reward of a well-formatted response."""
-    verify_timeout_s: int = 2
-    """math-verify's own per-operation timeout inside the worker (whole seconds: it uses signal.alarm)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RewardResult:
-    reward: float
-    correct: bool
-    is_formatted: bool
-    extracted: str | None = None
-    status: RewardStatus = "ok"
-    """ok, or timeout / error: verification did not finish, the reward is 0 and the pool counts it."""
-    error: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,18 +35,8 @@ class RewardTask:
     options: RewardOptions = field(default_factory=RewardOptions)
 
 
-def failed_result(status: RewardStatus, error: str) -> RewardResult:
-    """Reward 0 for a response whose verification timed out or raised."""
-    return RewardResult(reward=0.0, correct=False, is_formatted=False, status=status, error=error)
-
-
 def _finish(response: str, extracted: ExtractedAnswer | None, correct: bool, options: RewardOptions) -> RewardResult:
-    is_formatted = is_well_formatted(response)
-    text = extracted.text if extracted is not None else None
-    if options.format_gate and not is_formatted:
-        return RewardResult(reward=0.0, correct=False, is_formatted=False, extracted=text)
-    reward = float(correct) + (options.format_bonus if is_formatted else 0.0)
-    return RewardResult(reward=reward, correct=correct, is_formatted=is_formatted, extracted=text)
+    return finish_result(response, extracted.text if extracted is not None else None, correct, options)
 
 
 def _ground_truths(answer: str | list[str]) -> list[str]:
@@ -148,6 +117,8 @@ REWARD_FNS: dict[str, RewardFn] = {
     "math": math_reward,
     "exact_match": exact_match_reward,
     "reasoning_gym": reasoning_gym_reward,
+    "code": code_reward,
+    "multiple_choice": multiple_choice_reward,
 }
 
 

@@ -1,0 +1,55 @@
+"""What every reward function takes and returns: the scoring options and the per-response result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from guide_mega.rewards.answers import is_well_formatted
+from guide_mega.rewards.sandbox import SandboxLimits
+
+RewardStatus = Literal["ok", "timeout", "error"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardOptions:
+    lenient: bool = False
+    """Fall back to the last number in the response when it marks no answer (for very small models)."""
+    format_gate: bool = False
+    """Reward 0 (and not correct) unless `is_well_formatted(response)`."""
+    format_bonus: float = 0.0
+    """Added to the reward of a well-formatted response."""
+    verify_timeout_s: int = 2
+    """math-verify's own per-operation timeout inside the worker (whole seconds: it uses signal.alarm)."""
+    code_limits: SandboxLimits = field(default_factory=SandboxLimits)
+    """code: the sandbox limits of each program run (one run per test)."""
+    code_partial_credit: bool = False
+    """code: reward the fraction of tests passed instead of 1 only when every test passes."""
+    code_time_budget_s: float | None = None
+    """code: wall seconds for all of a response's tests; a test that could end past it is not run and fails."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardResult:
+    reward: float
+    correct: bool
+    is_formatted: bool
+    extracted: str | None = None
+    status: RewardStatus = "ok"
+    """ok, or timeout / error: verification did not finish, the reward is 0 and the pool counts it."""
+    error: str = ""
+    """Why verification failed (status timeout / error), or why a program failed its tests (status ok)."""
+
+
+def failed_result(status: RewardStatus, error: str) -> RewardResult:
+    """Reward 0 for a response whose verification timed out or raised."""
+    return RewardResult(reward=0.0, correct=False, is_formatted=False, status=status, error=error)
+
+
+def finish_result(response: str, extracted: str | None, correct: bool, options: RewardOptions) -> RewardResult:
+    """The result of a verified final answer: the format gate, then 1 for correct plus the format bonus."""
+    is_formatted = is_well_formatted(response)
+    if options.format_gate and not is_formatted:
+        return RewardResult(reward=0.0, correct=False, is_formatted=False, extracted=extracted)
+    reward = float(correct) + (options.format_bonus if is_formatted else 0.0)
+    return RewardResult(reward=reward, correct=correct, is_formatted=is_formatted, extracted=extracted)
