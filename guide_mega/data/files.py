@@ -33,26 +33,42 @@ class PromptSet:
     """Generator sources: problems left without a hint because every candidate hint leaked the answer."""
 
 
+def _truncation_note(raw: bytes) -> str:
+    # A last line without its newline that does not parse is most likely a file cut short (a copy that stopped).
+    return "" if raw.endswith(b"\n") else "; the file ends mid-line (truncated?)"
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, start=1):
+    # Bytes, decoded line by line: an encoding error (e.g. a multi-byte character cut in two) names its line too.
+    with path.open("rb") as stream:
+        for line_number, raw in enumerate(stream, start=1):
             where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, RowError(f"{where}: invalid UTF-8 at byte {exc.start}{_truncation_note(raw)}")
+                continue
             if not line.strip():
                 continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield where, RowError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})")
+                message = f"{where}: invalid JSON: {exc.msg} (column {exc.colno}){_truncation_note(raw)}"
+                yield where, RowError(message)
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow
     import pyarrow.parquet
 
     row_number = 0
-    for batch in pyarrow.parquet.ParquetFile(path).iter_batches():
-        for row in batch.to_pylist():
-            row_number += 1
-            yield f"{path} row {row_number}", row
+    try:
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                row_number += 1
+                yield f"{path} row {row_number}", row
+    except pyarrow.ArrowException as exc:
+        raise ValueError(f"{path}: unreadable Parquet after row {row_number} (truncated or corrupt?): {exc}") from None
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[str, Any]]:

@@ -84,3 +84,28 @@ def test_unknown_sources_and_suffixes(tmp_path):
         load_prompt_source("data.csv", DataConfig())
     with pytest.raises(FileNotFoundError, match="prompt file not found"):
         load_prompt_file(tmp_path / "missing.jsonl")
+
+
+def test_a_file_cut_mid_line_names_the_line(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes((GOOD + "\n" + OTHER + "\n" + NO_ANSWER[:15]).encode())
+    with pytest.raises(RowError, match=rf"{path}:3: invalid JSON: .*the file ends mid-line \(truncated\?\)"):
+        load_prompt_file(path)
+    prompt_set = load_prompt_file(path, on_error="skip")
+    assert [prompt.id for prompt in prompt_set.prompts] == ["a", "c"]
+    assert prompt_set.num_skipped_rows == 1 and prompt_set.skipped_row_errors[0].startswith(f"{path}:3:")
+
+
+def test_a_multibyte_character_cut_in_two_names_the_line(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + '{"prompt": "café'.encode()[:-1])
+    with pytest.raises(RowError, match=rf"{path}:2: invalid UTF-8 at byte 15; the file ends mid-line"):
+        load_prompt_file(path)
+
+
+def test_a_truncated_parquet_file_names_the_file(tmp_path):
+    path = tmp_path / "cut.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([json.loads(GOOD)] * 50), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{path}: unreadable Parquet after row 0 \(truncated or corrupt\?\)"):
+        load_prompt_file(path)
