@@ -8,6 +8,8 @@ on its share of the sequences and results are shared so that every rank returns 
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +26,21 @@ from guide_mega.training.forward import broadcast_object_from_last_stage
 from guide_mega.training.logprobs import micro_batch_logprobs
 from guide_mega.training.micro_batches import Context
 from guide_mega.training.model_runner import ModelRunner
-from guide_mega.training.train_step import StepTensors, make_policy_loss_fn, reduce_step_metrics
+from guide_mega.training.train_step import (
+    StepTensors,
+    gradients_are_finite,
+    make_policy_loss_fn,
+    reduce_step_metrics,
+)
 from guide_mega.training.weight_export import export_hf_weights
 from guide_mega.types import TrainBatch
 
+logger = logging.getLogger(__name__)
+
 # The same bound as the policy loss puts on log-ratios: exp() of a larger one overflows fp32.
 _MAX_LOG_RATIO = 20.0
+# Metric: optimizer steps of an RL step skipped because the loss or a gradient was NaN or Inf.
+NONFINITE_SKIPPED = "train/nonfinite_skipped"
 
 
 def checkpoint_directory(model: ModelConfig) -> Path:
@@ -162,12 +173,14 @@ class MegatronPolicy:
         return steps, metrics
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
-        """One RL step on the batch: one optimizer step per mini-batch; metrics are averaged over mini-batches."""
+        """One RL step on the batch: one optimizer step per mini-batch; metrics are averaged over mini-batches,
+        except `train/nonfinite_skipped`, the number of optimizer steps skipped for a non-finite loss or gradient."""
         steps, metrics = self.plan_step(batch)
         totals: dict[str, float] = {}
         for step in steps:
             for name, value in self._optimizer_step(batch, step).items():
-                totals[name] = totals.get(name, 0.0) + value / len(steps)
+                share = value if name == NONFINITE_SKIPPED else value / len(steps)
+                totals[name] = totals.get(name, 0.0) + share
         return {**metrics, **totals}
 
     def accumulate_gradients(self, batch: TrainBatch, step: StepTensors) -> list[dict[str, torch.Tensor]]:
@@ -184,11 +197,18 @@ class MegatronPolicy:
 
     def _optimizer_step(self, batch: TrainBatch, step: StepTensors) -> dict[str, float]:
         outputs = self.accumulate_gradients(batch, step)
-        update = self.runner.optimizer_step()
-        self.optimizer_steps += int(not update["update_skipped"])
         metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
         metrics = broadcast_object_from_last_stage(metrics)
-        return {**metrics, **{f"actor/{name}": value for name, value in update.items()}}
+        gradients_finite = gradients_are_finite(self.runner.model, device=self.layout.device)
+        if not (gradients_finite and math.isfinite(metrics.get("loss", 0.0))):
+            # One NaN or Inf in Adam's moments would poison every later step: drop this mini-batch's update.
+            self.runner.model[0].zero_grad_buffer()
+            self.runner.optimizer.zero_grad()
+            logger.warning("non-finite loss (%s) or gradient: optimizer step skipped", metrics.get("loss"))
+            return {**metrics, "actor/update_skipped": 1.0, NONFINITE_SKIPPED: 1.0}
+        update = self.runner.optimizer_step()
+        self.optimizer_steps += int(not update["update_skipped"])
+        return {**metrics, **{f"actor/{name}": value for name, value in update.items()}, NONFINITE_SKIPPED: 0.0}
 
     def save_checkpoint(self, root: str | Path, step: int, *, extra: dict | None = None) -> Path:
         """Atomic Megatron distributed checkpoint `<root>/step_<step>` (collective)."""

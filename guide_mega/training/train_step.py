@@ -116,6 +116,25 @@ def make_policy_loss_fn(
     return loss_fn
 
 
+def gradients_are_finite(model_chunks: list[torch.nn.Module], *, device: torch.device) -> bool:
+    """Whether every gradient on every rank is finite (a collective over the whole world: call it on all ranks).
+
+    One sum per gradient, added up across ranks with a single all-reduce (no host sync per tensor): NaN and Inf
+    survive any sum, so the total is finite when every gradient is, unless a sum of finite gradients overflows
+    fp32, which only an already diverged step reaches.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            grad = getattr(param, "main_grad", None)  # Megatron DDP accumulates into main_grad
+            grad = param.grad if grad is None else grad
+            if grad is not None:
+                total += grad.sum()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return bool(torch.isfinite(total))
+
+
 # How each metric combines over micro-batches and data-parallel ranks: counts and the loss add up, extremes take
 # max/min, and per-micro-batch means are weighted by the micro-batch's token count.
 _SUMMED = ("loss", "critic/loss", "num_tokens", "actor/on_policy_tokens", "actor/off_policy_tokens")
