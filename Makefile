@@ -7,10 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,data
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+EXPERIMENT_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-sglang lint format clean
+.PHONY: install demo experiment test test-sglang lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/guide-mega train --config configs/demo_cpu.yaml $(DEMO_ARGS)
+
+# GRPO vs Filter-GRPO vs Guide-GRPO on the demo setup, held-out pass@1/pass@8 before and after (docs/results/).
+experiment: $(STAMP)
+	$(BIN)/python scripts/experiment.py $(EXPERIMENT_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,159 @@
+"""The replication experiment (`make experiment`): GRPO, Filter-GRPO and Guide-GRPO on the embedded default with the
+same budget (steps x prompts x samples per prompt) and seed, evaluated without hints on held-out problems before
+and after training. Writes the table, the plots and the exact command to docs/results/.
+
+Every training run and evaluation is its own `guide-mega` process, as a user would run them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from guide_mega.evaluation.analysis import decompose_pass_at_1_change
+from guide_mega.evaluation.metrics_file import read_metrics
+from guide_mega.evaluation.passk import EvalResults
+from guide_mega.evaluation.plots import plot_pass_at_k, plot_training_curves
+
+# Guide-GRPO first: it is the run the experiment is about.
+ALGORITHMS = {
+    "guide_grpo": ["algorithm.guide.enabled=true", "algorithm.filter_zero_variance=true"],
+    "filter_grpo": ["algorithm.guide.enabled=false", "algorithm.filter_zero_variance=true"],
+    "grpo": ["algorithm.guide.enabled=false", "algorithm.filter_zero_variance=false"],
+}
+
+
+def _run(command: list[str], log: Path) -> float:
+    """Run a guide-mega command, its output teed to `log`; returns its wall time in seconds."""
+    print("$ " + shlex.join(command), flush=True)
+    start = time.perf_counter()
+    with log.open("w") as stream:
+        process = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if process.returncode != 0:
+        sys.exit(f"command failed ({process.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - start
+
+
+def _evaluate(args: argparse.Namespace, checkpoint: str, output: Path) -> tuple[EvalResults, float]:
+    command = [
+        sys.executable, "-m", "guide_mega.cli", "eval", "--checkpoint", checkpoint, "--config", args.config,
+        "--samples", str(args.samples), "--k", f"1,{args.samples}", "--held-out-from", args.config,
+        "--output", str(output), "data.source_options.seed=" + str(args.eval_seed),
+        "data.source_options.size=" + str(args.eval_problems), f"train.seed={args.seed}", *args.overrides,
+    ]  # fmt: skip
+    seconds = _run(command, output.with_suffix(".log"))
+    return EvalResults.load(output / "results.json"), seconds
+
+
+def _train(args: argparse.Namespace, name: str, run_dir: Path) -> float:
+    command = [
+        sys.executable, "-m", "guide_mega.cli", "train", "--config", args.config, *ALGORITHMS[name],
+        f"train.steps={args.steps}", f"train.seed={args.seed}", f"logging.run_dir={run_dir}",
+        "logging.progress_bar=false", "checkpoint.export_hf=true", "checkpoint.every=0", "checkpoint.resume=never",
+        *args.overrides,
+    ]  # fmt: skip
+    return _run(command, run_dir.with_suffix(".log"))
+
+
+def _training_totals(metrics_path: Path) -> dict[str, float]:
+    """Generated tokens, trained steps and skipped steps of a run, from its metrics.jsonl."""
+    rows = read_metrics(metrics_path)
+    tokens = sum(row.get("perf/rollout_tokens_per_s", 0.0) * row.get("time/rollout_s", 0.0) for row in rows)
+    return {
+        "generated_tokens": round(tokens),
+        "skipped_steps": int(sum(row.get("train/skipped_step", 0.0) for row in rows)),
+        "mean_first_wave_accuracy": sum(row.get("rollout/accuracy", 0.0) for row in rows) / max(len(rows), 1),
+    }
+
+
+def _table(rows: list[dict], samples: int) -> str:
+    header = (
+        f"| run | held-out pass@1 | pass@{samples} | greedy pass@1 | Δ pass@1 | self-distillation | capability gain "
+        "| forgetting | generated tokens | skipped steps | train time (s) |\n|---" + "|---" * 10 + "|\n"
+    )
+    lines = []
+    for row in rows:
+        lines.append(
+            f"| {row['run']} | {row['pass@1']:.4f} | {row[f'pass@{samples}']:.4f} | {row['greedy_pass@1']:.4f} "
+            f"| {row.get('delta_pass@1', 0.0):+.4f} | {row.get('self_distillation', '-')} "
+            f"| {row.get('capability_gain', '-')} | {row.get('forgetting', '-')} | {row.get('generated_tokens', '-')} "
+            f"| {row.get('skipped_steps', '-')} | {row.get('train_seconds', 0.0):.0f} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def _row(name: str, results: EvalResults, samples: int) -> dict:
+    return {
+        "run": name,
+        "pass@1": results.pass_at_k(1),
+        f"pass@{samples}": results.pass_at_k(samples),
+        "greedy_pass@1": results.greedy_pass_at_1() or 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/demo_cpu.yaml", help="the shared training config")
+    parser.add_argument("--steps", type=int, default=6, help="RL steps per algorithm")
+    parser.add_argument("--seed", type=int, default=1, help="train.seed of every run and evaluation")
+    parser.add_argument("--samples", type=int, default=8, help="samples per held-out problem (pass@1 and pass@n)")
+    parser.add_argument("--eval-problems", type=int, default=32, help="held-out problems generated (before overlap)")
+    parser.add_argument("--eval-seed", type=int, default=2026, help="generator seed of the held-out problems")
+    parser.add_argument("--work-dir", default="runs/experiment", help="runs, checkpoints and evaluations")
+    parser.add_argument("--output", default="docs/results", help="where the table, plots and command go")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset to run")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run and evaluation")
+    args = parser.parse_args()
+    work, output = Path(args.work_dir), Path(args.output)
+    work.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    base, base_seconds = _evaluate(args, "embedded:smollm2-135m-instruct", work / "eval_base")
+    rows, curves = [{**_row("base (before training)", base, args.samples), "eval_seconds": base_seconds}], {}
+    curves["base"] = base
+    for name in args.algorithms.split(","):
+        run_dir = work / name
+        train_seconds = _train(args, name, run_dir)
+        exports = (run_dir / "checkpoints").glob("step_*/hf")
+        checkpoint = max(exports, key=lambda path: int(path.parent.name.removeprefix("step_")))
+        after, eval_seconds = _evaluate(args, str(checkpoint), work / f"eval_{name}")
+        decomposition = decompose_pass_at_1_change(base, after, k=args.samples).as_dict()
+        rows.append(
+            {
+                **_row(name, after, args.samples),
+                "delta_pass@1": after.pass_at_k(1) - base.pass_at_k(1),
+                **{key: decomposition[key] for key in ("self_distillation", "capability_gain", "forgetting")},
+                **_training_totals(run_dir / "metrics.jsonl"),
+                "train_seconds": train_seconds,
+                "eval_seconds": eval_seconds,
+            }
+        )
+        curves[name] = after
+        plot_training_curves(
+            run_dir / "metrics.jsonl", output / f"experiment_{name}_curves.png",
+            keys=["rollout/accuracy", "guide/num_unsolved_groups", "guide/guided_success_rate", "loss"],
+        )  # fmt: skip
+    plot_pass_at_k(curves, output / "experiment_pass_at_k.png")
+    command = "make experiment" if len(sys.argv) == 1 else shlex.join([sys.executable, *sys.argv])
+    record = {
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "total_seconds": time.perf_counter() - started,
+        "num_eval_problems": len(base.problems),
+        "eval_left_out": base.meta.get("left_out"),
+        "args": vars(args),
+        "rows": rows,
+    }
+    (output / "experiment.json").write_text(json.dumps(record, indent=1) + "\n")
+    (output / "experiment_table.md").write_text(_table(rows, args.samples))
+    print(_table(rows, args.samples) + f"\nwritten to {output} in {record['total_seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
