@@ -73,7 +73,8 @@ def tiny_run_config(unigram_model_dir, say_one_prompts, tmp_path):
             "rollout.group_size": 4, "rollout.max_new_tokens": 6, "rollout.temperature": 1.0,
             "algorithm.guide.enabled": True, "algorithm.guide.filter_zero_variance": False,
             "optimizer.lr": 0.05, "data.source": str(say_one_prompts), "data.max_prompt_tokens": 128,
-            "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1,
+            # A loaded 2-core machine can starve the reward worker for seconds; a timeout would score 0.
+            "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1, "reward.timeout_s": 60.0,
             "train.steps": 2, "train.prompts_per_step": 2, "train.micro_batch_tokens": 512,
             "logging.run_dir": str(tmp_path / run_name), "logging.progress_bar": False, "logging.tensorboard": False,
             "checkpoint.every": 1, "checkpoint.keep_last": 5,

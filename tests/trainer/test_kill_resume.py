@@ -1,0 +1,114 @@
+"""Resume after SIGKILL: a real `guide-mega train` process is killed in the middle of a step and restarted.
+
+The killed run (checkpoint.every=1) dies, process group and all, while step k + 1 runs, after step k's checkpoint
+is complete; restarted with checkpoint.resume=auto it must log the same later steps (rollouts, rewards, tokens,
+loss) and end with the same weights as a run that was never interrupted. Both runs are real subprocesses (HF
+engine, Megatron policy, reward pool) on the tiny unigram model of conftest.py, one thread each.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from guide_mega.config import dump_config
+from guide_mega.training.checkpoint import list_checkpoints
+
+KILLED_AFTER_STEP = 1
+STEPS = 3
+_TIMEOUT_S = 240
+# Per-step metrics that must match: what was sampled, how it scored, and what the update did.
+_COMPARED = (
+    "rollout/reward_mean",
+    "rollout/accuracy",
+    "rollout/response_length_mean",
+    "rollout/num_rollouts",
+    "guide/num_unsolved_groups",
+    "guide/num_guided_groups",
+    "guide/guided_success_rate",
+    "train/num_groups",
+    "loss",
+    "actor/grad_norm",
+)
+
+
+def _start(config, name: str) -> tuple[subprocess.Popen, Path]:
+    """`python -m guide_mega.cli train` on `config` in its own process group; output goes to <run_dir>.log."""
+    run_dir = Path(config.logging.run_dir)
+    config_path, log_path = run_dir.with_suffix(".yaml"), run_dir.with_suffix(f".{name}.log")
+    dump_config(config, config_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "guide_mega.cli", "train", "--config", str(config_path)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return process, log_path
+
+
+def _finish(process: subprocess.Popen, log_path: Path) -> None:
+    try:
+        code = process.wait(timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert code == 0, f"training exited with {code}:\n{log_path.read_text()[-6000:]}"
+
+
+def _kill_during_next_step(process: subprocess.Popen, log_path: Path, checkpoint_root: Path) -> None:
+    """SIGKILL the whole process group once step KILLED_AFTER_STEP's checkpoint is written and the next step runs."""
+    saved = re.compile(rf"^checkpoint: .*step_{KILLED_AFTER_STEP}$", re.MULTILINE)
+    deadline = time.monotonic() + _TIMEOUT_S
+    while not saved.search(log_path.read_text()):
+        assert process.poll() is None, f"training ended before the kill:\n{log_path.read_text()[-6000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within the timeout"
+        time.sleep(0.05)
+    # The checkpoint message is the last thing a save does: the loop is now in the next step's rollout.
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    completed = [path.name for path in list_checkpoints(checkpoint_root)]
+    assert completed == [f"step_{KILLED_AFTER_STEP}"], f"the kill did not land in step {KILLED_AFTER_STEP + 1}"
+
+
+def _metrics(config) -> list[dict]:
+    return [json.loads(line) for line in open(Path(config.logging.run_dir) / "metrics.jsonl")]
+
+
+def _final_weights(config) -> dict[str, torch.Tensor]:
+    export = Path(config.logging.run_dir) / "checkpoints" / f"step_{STEPS}" / "hf"
+    return {name: t for path in sorted(export.glob("*.safetensors")) for name, t in load_file(path).items()}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_then_resume_matches_the_uninterrupted_run(tiny_run_config):
+    options = {"train.steps": STEPS, "checkpoint.every": 1, "checkpoint.export_hf": True}
+    straight, killed = tiny_run_config("straight", **options), tiny_run_config("killed", **options)
+    # Both first launches run side by side (one thread each) to halve the wall time.
+    straight_process, straight_log = _start(straight, "first")
+    killed_process, killed_log = _start(killed, "first")
+    try:
+        _kill_during_next_step(killed_process, killed_log, Path(killed.logging.run_dir) / "checkpoints")
+        resumed_process, resumed_log = _start(killed, "resumed")
+        _finish(resumed_process, resumed_log)
+    finally:
+        if killed_process.poll() is None:
+            os.killpg(killed_process.pid, signal.SIGKILL)
+        _finish(straight_process, straight_log)
+    assert f"step_{KILLED_AFTER_STEP}" in resumed_log.read_text()  # "resumed from .../step_1 at step 1"
+
+    expected, resumed = _metrics(straight), _metrics(killed)
+    assert [row["step"] for row in resumed] == [row["step"] for row in expected] == list(range(1, STEPS + 1))
+    for want, got in zip(expected[KILLED_AFTER_STEP:], resumed[KILLED_AFTER_STEP:], strict=True):
+        for key in _COMPARED:
+            assert got.get(key) == pytest.approx(want.get(key), rel=1e-5, abs=1e-7), (got["step"], key)
+    expected_weights, resumed_weights = _final_weights(straight), _final_weights(killed)
+    assert expected_weights.keys() == resumed_weights.keys()
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
