@@ -242,9 +242,14 @@ class Trainer:
 
 
 def run_training(config: Config) -> Trainer:
-    """Build the run, resume per checkpoint.resume, train to train.steps, and release engine and workers."""
+    """Build the run, resume per checkpoint.resume (from the newest checkpoint that verifies), train to train.steps,
+    and release engine and workers."""
     trainer = build_trainer(config)
-    checkpoint = latest_checkpoint(trainer.checkpoint_root(), mode=config.checkpoint.resume)
+    checkpoint, skipped = latest_checkpoint(
+        trainer.checkpoint_root(), mode=config.checkpoint.resume, with_critic=trainer.critic is not None
+    )
+    for error in skipped:
+        trainer.run_log.message(f"checkpoint skipped: {error}")
     if checkpoint is not None:
         trainer.resume(checkpoint)
     trainer.run_log.begin(trainer.step_index)
@@ -256,16 +261,19 @@ def run_training(config: Config) -> Trainer:
     return trainer
 
 
-def latest_checkpoint(root: Path, *, mode: str) -> Path | None:
-    """The checkpoint to resume from under checkpoint.resume = auto | never | must."""
+def latest_checkpoint(root: Path, *, mode: str, with_critic: bool = False) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from under checkpoint.resume = auto | never | must, and why each newer one was
+    skipped: the newest whose files (and, with_critic, its critic's) are all present, complete and uncorrupted.
+    Collective: every rank calls it and gets the same answer."""
     if mode == "never":
-        return None
-    from guide_mega.training.checkpoint import list_checkpoints
+        return None, []
+    from guide_mega.training.checkpoint import newest_valid_checkpoint
 
-    found = list_checkpoints(root) if root.is_dir() else []
-    if not found and mode == "must":
-        raise ValueError(f"checkpoint.resume=must but {root} holds no complete checkpoint")
-    return found[-1] if found else None
+    found, skipped = newest_valid_checkpoint(root, companions=[root / CRITIC_DIR] if with_critic else [])
+    if found is None and mode == "must":
+        reasons = "".join(f"; {error}" for error in skipped)
+        raise ValueError(f"checkpoint.resume=must but {root} holds no complete, valid checkpoint{reasons}")
+    return found, skipped
 
 
 def _logprob_mismatch(batch: TrainBatch) -> dict[str, float]:

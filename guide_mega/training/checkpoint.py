@@ -3,15 +3,20 @@
 A resume checkpoint `<root>/step_<n>` holds the sharded model and distributed-optimizer state (Megatron
 `dist_checkpointing`, every rank writes its shards), the LR scheduler, caller-provided extra state, and
 `guide_mega.json` with the step, the parallel layout and a weight fingerprint. Every checkpoint is written into
-`<root>/.tmp_step_<n>` and renamed when complete, so a crash mid-save leaves no directory that looks valid;
-loading recomputes the fingerprint and refuses a checkpoint whose weights do not match it.
+`<root>/.tmp_step_<n>` and renamed when complete, so a crash mid-save leaves no directory that looks valid.
+`guide_mega.json` also lists every file with its size and CRC-32: `verify_checkpoint` finds a file missing,
+truncated or corrupt, `newest_valid_checkpoint` skips such checkpoints for the previous one, and loading recomputes
+the fingerprint and refuses a checkpoint whose weights do not match it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import zlib
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +37,15 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 # Relative tolerance of the weight fingerprint (a float64 sum of squares; only reduction order can differ).
 _FINGERPRINT_RTOL = 1e-9
+# Key of the metadata's file manifest: {relative path: {"bytes": size, "crc32": checksum}}.
+MANIFEST_KEY = "files"
+_CHECKSUM_CHUNK_BYTES = 16 << 20
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, truncated, corrupt or does not fit this run; the message names the file."""
 
 
 def _is_global_rank_zero() -> bool:
@@ -41,6 +55,33 @@ def _is_global_rank_zero() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _file_checksum(path: Path) -> int:
+    checksum = 0
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHECKSUM_CHUNK_BYTES):
+            checksum = zlib.crc32(chunk, checksum)
+    return checksum
+
+
+def file_manifest(directory: Path) -> dict[str, dict[str, int]]:
+    """{relative path: {"bytes", "crc32"}} of every file under `directory` (collective: ranks split the files)."""
+    rank, world = _rank_and_world()
+    names = sorted(str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file())
+    mine = {
+        name: {"bytes": (directory / name).stat().st_size, "crc32": _file_checksum(directory / name)}
+        for name in names[rank::world]
+    }
+    if world == 1:
+        return mine
+    shares: list[dict | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {name: entry for share in shares for name, entry in sorted(share.items())}
 
 
 def weight_fingerprint(module: torch.nn.Module) -> float:
@@ -105,12 +146,14 @@ def save_checkpoint(
         dist_checkpointing.save(state, str(temporary))
     fingerprint = weight_fingerprint(module)
     _barrier()
+    files = file_manifest(temporary)
     if _is_global_rank_zero():
         metadata = {
             "step": step,
             "tensor_parallel": layout.tensor,
             "pipeline_parallel": layout.pipeline,
             "weight_fingerprint": fingerprint,
+            MANIFEST_KEY: files,
         }
         (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -130,6 +173,69 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         if (match := _STEP_DIR.match(path.name)) and (path / METADATA_FILE).is_file()
     ]
     return [path for _, path in sorted(found)]
+
+
+def verify_checkpoint(path: str | Path, *, checksums: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+    """The checkpoint's metadata, once every file of its manifest is present with its recorded size and (with
+    `checksums`) its recorded CRC-32. This process checksums files[rank::world_size]; sizes are checked for all.
+
+    Raises CheckpointError naming the checkpoint and the bad file. A checkpoint written before manifests existed
+    has none: only its metadata is checked.
+    """
+    path = Path(path)
+    metadata_path = path / METADATA_FILE
+    if not metadata_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {METADATA_FILE} is missing")
+    try:
+        metadata = json.loads(metadata_path.read_bytes())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} is corrupt ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} is corrupt (not a JSON object)")
+    for index, (name, expected) in enumerate(sorted(metadata.get(MANIFEST_KEY, {}).items())):
+        file_path = path / name
+        if not file_path.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = file_path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, not the {expected['bytes']} written")
+        if checksums and index % world_size == rank and _file_checksum(file_path) != expected["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (its CRC-32 differs from the one written)")
+    return metadata
+
+
+def _verification_error(paths: list[Path]) -> str | None:
+    """The first CheckpointError of any of `paths`, agreed on by all ranks (collective), or None."""
+    rank, world = _rank_and_world()
+    try:
+        for path in paths:
+            verify_checkpoint(path, rank=rank, world_size=world)
+        error = None
+    except CheckpointError as exc:
+        error = str(exc)
+    if world == 1:
+        return error
+    errors: list[str | None] = [None] * world
+    dist.all_gather_object(errors, error)
+    return next((message for message in errors if message), None)
+
+
+def newest_valid_checkpoint(
+    root: str | Path, *, companions: Sequence[str | Path] = ()
+) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under root that verifies with checksums, its same-step checkpoints under each companion
+    root too (e.g. the critic's), and the errors of the newer ones it skipped.
+
+    Collective when torch.distributed is initialised: the ranks share the checksumming and agree on the answer.
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        error = _verification_error([path, *(Path(companion) / path.name for companion in companions)])
+        if error is None:
+            return path, skipped
+        logger.warning("skipping checkpoint: %s", error)
+        skipped.append(error)
+    return None, skipped
 
 
 def prune_checkpoints(root: str | Path, *, keep_last: int) -> list[Path]:
@@ -157,17 +263,17 @@ def _materialise_optimizer_state(optimizer) -> None:
 def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, scheduler, layout: ParallelLayout):
     """Restore model, optimizer and scheduler from a checkpoint directory; returns (step, extra).
 
-    Raises ValueError naming the checkpoint when it is incomplete, was written with another tensor/pipeline
-    layout, or its loaded weights do not match the recorded fingerprint.
+    Raises CheckpointError naming the checkpoint when a file is missing or truncated (sizes are checked before
+    loading; `newest_valid_checkpoint` checks contents), it was written with another tensor/pipeline layout, or
+    its loaded weights do not match the recorded fingerprint.
     """
     path = Path(path)
-    metadata_path = path / METADATA_FILE
-    if not metadata_path.is_file():
-        raise ValueError(f"checkpoint {path} is incomplete: {METADATA_FILE} is missing")
-    metadata = json.loads(metadata_path.read_text())
+    metadata = verify_checkpoint(path, checksums=False)
     saved_layout = (metadata["tensor_parallel"], metadata["pipeline_parallel"])
     if saved_layout != (layout.tensor, layout.pipeline):
-        raise ValueError(f"checkpoint {path} has (TP, PP) {saved_layout}, this run {(layout.tensor, layout.pipeline)}")
+        raise CheckpointError(
+            f"checkpoint {path} has (TP, PP) {saved_layout}, this run {(layout.tensor, layout.pipeline)}"
+        )
     _materialise_optimizer_state(optimizer)
     state = _sharded_state(module, optimizer, scheduler, {}, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
@@ -179,7 +285,9 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, sch
     fingerprint = weight_fingerprint(module)
     expected = metadata["weight_fingerprint"]
     if abs(fingerprint - expected) > _FINGERPRINT_RTOL * max(abs(expected), 1.0):
-        raise ValueError(f"checkpoint {path}: loaded weights' fingerprint {fingerprint!r} != recorded {expected!r}")
+        raise CheckpointError(
+            f"checkpoint {path}: loaded weights' fingerprint {fingerprint!r} != recorded {expected!r}"
+        )
     return metadata["step"], loaded["extra"]
 
 
