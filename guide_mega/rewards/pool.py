@@ -3,7 +3,8 @@
 math-verify interrupts slow sympy work with SIGALRM, which works only on a process's main thread, and a
 pathological answer can still hang a C call that no signal interrupts. So every sample is scored on the main thread
 of a worker process, and the parent kills a worker that passes its deadline (or dies) and starts a replacement. A
-timed-out or crashed sample scores 0 and is counted; it never stops the training step.
+timed-out or crashed sample scores 0 and is counted; it never stops the training step. The code reward runs its
+programs in sandbox processes started by the worker (`sandbox.py`); a sandbox whose worker is killed dies with it.
 
 Workers come from a `forkserver` (or `spawn`) context: forking a parent that holds threads, CUDA state or a
 Megatron process group is unsafe, and the fork server has math-verify and sympy imported once, so a replacement
