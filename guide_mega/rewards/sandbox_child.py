@@ -13,9 +13,10 @@ the standard library. In order:
    keeps its uid and drops every capability (so root cannot raise its own limits).
 4. An audit hook (PEP 578) refuses, inside the program's interpreter: writes outside the working directory,
    reads outside it and the standard library, other processes' /proc entries, running other programs, ctypes,
-   signals to other processes, more than the allowed number of forks, and networking (all of it without a
-   network namespace; Unix sockets outside the working directory with one). This layer is Python-level defence
-   in depth: determined native code could get around it, which is why the kernel layers come first.
+   signals to other processes, more than the allowed number of forks, heap introspection (gc), and networking
+   (all of it without a network namespace; Unix sockets outside the working directory with one). This layer is
+   Python-level defence in depth, not a boundary: a program written to defeat it (patching the modules it
+   relies on, walking frames) can, which is why the kernel layers come first.
 
 The setup reports the layers it obtained as one JSON line on the report pipe, then runs `main.py` as `__main__`.
 """
@@ -46,6 +47,7 @@ _PATH_EVENTS = {
 _REFUSED_EVENTS = (
     "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "os.kill", "os.killpg",
     "signal.pthread_kill", "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "sqlite3.connect",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents",
 )  # fmt: skip
 _REFUSED_PREFIXES = ("ctypes.",)
 # Extension modules that reach files, processes or memory without passing through audited calls.
@@ -215,14 +217,19 @@ def _remove_session_calls() -> None:
 
 
 def run_program() -> None:
-    """Execute main.py as __main__; an uncaught exception prints its traceback and exits with status 1."""
+    """Execute main.py as a fresh __main__ module (this script's globals stay out of sys.modules); an uncaught
+    exception prints its traceback and exits with status 1."""
     import traceback
+    import types
 
     with open(PROGRAM_FILE, encoding="utf-8") as stream:
         code = compile(stream.read(), PROGRAM_FILE, "exec")
     sys.argv = [PROGRAM_FILE]
+    program = types.ModuleType("__main__")
+    program.__file__ = PROGRAM_FILE
+    sys.modules["__main__"] = program
     try:
-        exec(code, {"__name__": "__main__", "__file__": PROGRAM_FILE, "__builtins__": __builtins__})
+        exec(code, program.__dict__)
     except SystemExit:
         raise
     except BaseException:
@@ -260,6 +267,7 @@ def main() -> None:
         network_namespace="network_namespace" in layers,
     )
     sys.addaudithook(policy)
+    del policy  # reachable from the program's frames no more; the refused gc calls were the other way to it
     layers.append("audit_hook")
     os.write(config["report_fd"], (json.dumps(layers) + "\n").encode())
     os.close(config["report_fd"])
