@@ -1,9 +1,10 @@
-"""The `guide-mega` command: train, eval, analyze and doctor."""
+"""The `guide-mega` command: train, eval, analyze, convert and doctor."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -102,6 +103,25 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from guide_mega.config import ParallelConfig
+    from guide_mega.convert import hf_to_megatron, megatron_to_hf
+
+    warnings.filterwarnings("ignore", module="megatron")
+    parallel = None
+    if args.tensor or args.pipeline:
+        parallel = ParallelConfig(tensor=args.tensor or 1, pipeline=args.pipeline or 1)
+    if args.direction == "hf-to-megatron":
+        path = hf_to_megatron(args.source, args.output, parallel=parallel, dtype=args.dtype)
+    else:
+        path = megatron_to_hf(
+            args.source, args.output, hf_config_dir=args.hf_config, parallel=parallel, dtype=args.dtype
+        )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank converts its shard; one reports
+        print(f"written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guide-mega", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--reach-threshold", type=float, default=0.5, help="pass@k at which a problem is in reach")
     analyze.add_argument("--output", default="analysis", help="directory for decomposition.json and the plots")
     analyze.set_defaults(run=_analyze)
+
+    convert = commands.add_parser("convert", help="convert an HF checkpoint to a Megatron one, or back")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("source", help="HF model directory, or a Megatron checkpoint (converted, or a trainer's)")
+    convert.add_argument("output", help="directory to write (replaced when complete)")
+    convert.add_argument("--hf-config", help="megatron-to-hf of a trainer checkpoint: the HF model it trained from")
+    convert.add_argument("--tensor", type=int, help="tensor-parallel size (torchrun with tensor x pipeline procs)")
+    convert.add_argument("--pipeline", type=int, help="pipeline-parallel size; default: 1, or as the checkpoint")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the source's (float32 if other)")
+    convert.set_defaults(run=_convert)
     return parser
 
 
