@@ -124,6 +124,34 @@ def _single_threaded_cpu_ops():
         torch.set_num_threads(previous)
 
 
+@contextmanager
+def _savable_optimizer_state(optimizer):
+    """Let a never-stepped optimizer be saved, and leave it exactly as it was.
+
+    Megatron's distributed optimizer cannot write a state dict before torch's Adam has state (a run whose first
+    steps all had no reward variance, then preempted). For the save it gets zero moments at step 0, which is what
+    a fresh Adam is; the parameters its dummy step moved (weight decay) are put back before anything is written,
+    and the state is emptied again afterwards, so the next real step is the same whether or not a save happened.
+    """
+    fresh = [inner for inner in getattr(optimizer, "chained_optimizers", [optimizer]) if not inner.optimizer.state]
+    for inner in fresh:
+        params = [p for group in inner.optimizer.param_groups for p in group["params"]]
+        copies = [p.detach().clone() for p in params]
+        inner._init_optimizer_states_with_dummy_values()
+        with torch.no_grad():
+            for param, copy in zip(params, copies, strict=True):
+                param.copy_(copy)
+        for param_state in inner.optimizer.state.values():
+            for value in param_state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+    try:
+        yield
+    finally:
+        for inner in fresh:
+            inner.optimizer.state.clear()
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -141,9 +169,10 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
-    state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
-    with _single_threaded_cpu_ops():
-        dist_checkpointing.save(state, str(temporary))
+    with _savable_optimizer_state(optimizer):
+        state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
+        with _single_threaded_cpu_ops():
+            dist_checkpointing.save(state, str(temporary))
     fingerprint = weight_fingerprint(module)
     _barrier()
     files = file_manifest(temporary)
@@ -260,6 +289,22 @@ def _materialise_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter's Adam state its own 'step' tensor, set from its loaded param group, after a load.
+
+    Without Apex or Transformer Engine, Megatron's distributed optimizer keeps the step count in the param groups
+    and writes it into the states as one shared tensor (and on a fresh optimizer it ends up as the dummy
+    initialiser's 1): torch's Adam increments each state's step in place, so every update after a resume would use
+    the wrong bias correction.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                param_state = inner.optimizer.state.get(param, {})
+                if "step" in group and torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = torch.tensor(float(group["step"]), dtype=param_state["step"].dtype)
+
+
 def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, scheduler, layout: ParallelLayout):
     """Restore model, optimizer and scheduler from a checkpoint directory; returns (step, extra).
 
@@ -281,6 +326,7 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, sch
     with torch.no_grad():
         module.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     fingerprint = weight_fingerprint(module)
     expected = metadata["weight_fingerprint"]

@@ -66,3 +66,46 @@ def test_hf_export_after_training_loads_in_transformers(tiny_checkpoints, tmp_pa
     hf_T = hf_response_logprobs(exported, batch)
     assert (policy.compute_logprobs(batch) - hf_T).abs().max() <= 1e-4
     assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / ".tmp_hf").exists()
+
+
+def _steps_after_resume(tiny_checkpoints, tmp_path, *, steps_before: int) -> None:
+    """Train `steps_before` steps, save, train two more; a fresh policy loading the save must take the same two steps
+    (loss and weights equal), and the save itself must move no weight."""
+    from policy_probes import make_policy
+
+    from guide_mega.training.checkpoint import weight_fingerprint
+
+    batch = make_train_batch()
+    saving = make_policy(tiny_checkpoints["llama"])
+    for _ in range(steps_before):
+        saving.train(batch)
+    before = weight_fingerprint(saving.module)
+    path = saving.save_checkpoint(tmp_path / str(steps_before), steps_before)
+    assert weight_fingerprint(saving.module) == before
+    expected = [(saving.train(batch)["loss"], weight_fingerprint(saving.module)) for _ in range(2)]
+
+    resumed = make_policy(tiny_checkpoints["llama"])
+    assert resumed.load_checkpoint(path)[0] == steps_before
+    assert [(resumed.train(batch)["loss"], weight_fingerprint(resumed.module)) for _ in range(2)] == expected
+    return expected
+
+
+def test_resumed_updates_equal_the_uninterrupted_ones(tiny_checkpoints, tmp_path, single_process_megatron):
+    """Two updates after a resume, not just the first loss: Adam's per-parameter step counters must survive the
+    load (Megatron's non-Apex path loads one shared counter)."""
+    _steps_after_resume(tiny_checkpoints, tmp_path, steps_before=2)
+
+
+def test_a_never_stepped_optimizer_saves_and_resumes_like_a_fresh_one(
+    tiny_checkpoints, tmp_path, single_process_megatron
+):
+    """A run whose first steps had nothing to train can still be checkpointed (Slurm preemption), and saving does
+    not change the run: its next steps equal those of a policy that never saved."""
+    from policy_probes import make_policy
+
+    from guide_mega.training.checkpoint import weight_fingerprint
+
+    expected = _steps_after_resume(tiny_checkpoints, tmp_path, steps_before=0)
+    never_saved = make_policy(tiny_checkpoints["llama"])
+    batch = make_train_batch()
+    assert [(never_saved.train(batch)["loss"], weight_fingerprint(never_saved.module)) for _ in range(2)] == expected
