@@ -92,6 +92,8 @@ class Trainer:
         self.is_main = _rank() == 0
         self.step_index = 0
         self._stop_requested = False
+        self.evaluator = None
+        """Rank 0, with train.eval_every: (step, is_last=) -> eval/ metrics (a PeriodicEvaluator)."""
 
     # -- one step ------------------------------------------------------------------------------------------
     def _sampling(self) -> SamplingParams:
@@ -143,18 +145,19 @@ class Trainer:
             self.run_log.message(f"step {self.step_index + 1}: no group with reward variance; training skipped")
             metrics["train/skipped_step"] = 1.0
         else:
-            with timer("old_logprobs"):
-                self.policy.compute_old_logprobs(batch)
-            metrics.update(_logprob_mismatch(batch))
-            if self.critic is not None:
-                with timer("values"):
-                    old_values_T, returns_T, gae_metrics = self._estimate_gae(batch)
-                metrics.update(gae_metrics)
-            with timer("train"):
-                metrics.update(self.policy.train(batch))
-            if self.critic is not None:
-                with timer("critic_train"):
-                    metrics.update(self.critic.train(batch, returns_T=returns_T, old_values_T=old_values_T))
+            with self._engine_asleep(timer):
+                with timer("old_logprobs"):
+                    self.policy.compute_old_logprobs(batch)
+                metrics.update(_logprob_mismatch(batch))
+                if self.critic is not None:
+                    with timer("values"):
+                        old_values_T, returns_T, gae_metrics = self._estimate_gae(batch)
+                    metrics.update(gae_metrics)
+                with timer("train"):
+                    metrics.update(self.policy.train(batch))
+                if self.critic is not None:
+                    with timer("critic_train"):
+                        metrics.update(self.critic.train(batch, returns_T=returns_T, old_values_T=old_values_T))
             with timer("weight_sync"):
                 self._sync_weights()
             num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.response_ids_T.numel()
@@ -163,6 +166,21 @@ class Trainer:
         metrics.update(timer.metrics())
         metrics["time/step_s"] = time.perf_counter() - start
         return metrics
+
+    @contextmanager
+    def _engine_asleep(self, timer: PhaseTimer):
+        """Colocated mode (train.colocate): the engine frees its GPU memory while the policy trains, and is awake
+        again before the weight sync."""
+        engine = self.collector.engine if self.collector is not None and self.config.train.colocate else None
+        if engine is not None:
+            with timer("engine_sleep"):
+                engine.sleep()
+        try:
+            yield
+        finally:
+            if engine is not None:
+                with timer("engine_wake"):
+                    engine.wake()
 
     def _sync_weights(self) -> None:
         """Push the updated weights to the engine in buckets; every rank takes part in the export."""
@@ -227,6 +245,9 @@ class Trainer:
             while self.step_index < self.config.train.steps:
                 metrics = self.step()
                 self.step_index += 1
+                if self.evaluator is not None:
+                    is_last = self.step_index == self.config.train.steps
+                    metrics.update(self.evaluator(self.step_index, is_last=is_last))
                 self.run_log.log(self.step_index, metrics)
                 stop = bool(_broadcast_object(self._stop_requested))
                 if stop or (every and self.step_index % every == 0):
@@ -292,9 +313,10 @@ def _logprob_mismatch(batch: TrainBatch) -> dict[str, float]:
 
 def build_trainer(config: Config) -> Trainer:
     """Everything a run needs, from its config: on every rank the policy; on rank 0 data, rewards and engine."""
+    from transformers import AutoTokenizer
+
     from guide_mega.data import PromptLoader, load_prompt_source, render_prompt_ids, resolve_model_path
     from guide_mega.rewards import RewardPool
-    from guide_mega.rollout.hf_engine import HFEngine
     from guide_mega.training.policy import MegatronPolicy
 
     model_dir = resolve_model_path(config.model.path) if _rank() == 0 else None
@@ -311,24 +333,29 @@ def build_trainer(config: Config) -> Trainer:
     critic = _build_critic(config, model_dir)
     if _rank() != 0:
         return Trainer(config, policy=policy, collector=None, loader=None, run_log=None, critic=critic)
-    if config.rollout.engine != "hf":
-        raise NotImplementedError("rollout.engine='sglang' is not wired into the trainer yet; use rollout.engine=hf")
-    engine = HFEngine.from_config(model_dir, config.rollout, device="cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = engine.tokenizer
+    engine = _build_engine(config, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_set = load_prompt_source(config.data.source, config.data)
     loader = PromptLoader.from_config(
         prompt_set.prompts, config.data, tokenizer=tokenizer, hint_template=config.algorithm.guide.hint_template
     )
+    tokenize = lambda content: render_prompt_ids(tokenizer, content, system_prompt=config.data.system_prompt)  # noqa: E731
     collector = ExperienceCollector(
         engine,
         RewardPool.from_config(config.reward, lenient=config.reward.lenient),
-        lambda content: render_prompt_ids(tokenizer, content, system_prompt=config.data.system_prompt),
+        tokenize,
         algorithm=config.algorithm,
         sampling=SamplingParams.from_config(config.rollout),
         group_size=config.rollout.group_size,
     )
     trainer = Trainer(config, policy=policy, collector=collector, loader=loader, run_log=None, critic=critic)
     trainer.run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
+    if config.train.eval_every:
+        trainer.evaluator, num_overlapping = _build_evaluator(config, collector, prompt_set.prompts)
+        trainer.run_log.message(
+            f"eval: {len(trainer.evaluator.prompts)} held-out problems from {config.data.eval_source} "
+            f"({num_overlapping} left out: also in the training data)"
+        )
     if prompt_set.num_skipped_rows or prompt_set.num_without_hint:
         trainer.run_log.message(
             f"data: {len(prompt_set.prompts)} prompts; {prompt_set.num_skipped_rows} malformed rows skipped; "
@@ -351,3 +378,48 @@ def _build_critic(config: Config, model_dir: Path):
         train=config.train,
         total_optimizer_steps=config.train.steps * config.train.mini_batches_per_step,
     )
+
+
+def _device(config: Config) -> str:
+    if config.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return config.train.device
+
+
+def _build_engine(config: Config, model_dir: Path):
+    """Rank 0's rollout engine: HF, a colocated sglang.Engine, or a client of a separate SGLang server, which gets
+    weights over an NCCL group when rollout.sglang_weight_group is set and through a shared directory otherwise."""
+    from guide_mega.rollout.factory import create_rollout_engine
+
+    engine = create_rollout_engine(model_dir, config.rollout, device=_device(config))
+    group = config.rollout.sglang_weight_group
+    if config.rollout.engine == "sglang" and config.rollout.sglang_url and group:
+        host, _, port = group.rpartition(":")
+        backend = "nccl" if _device(config) == "cuda" else "gloo"
+        engine.init_weight_group(master_address=host, master_port=int(port), backend=backend)
+    return engine
+
+
+def _build_evaluator(config: Config, collector: ExperienceCollector, training_prompts: list):
+    """The PeriodicEvaluator of train.eval_every on data.eval_source minus any problem also in the training data,
+    and how many those were."""
+    from guide_mega.data import load_prompt_source
+    from guide_mega.evaluation.runner import EvalSettings, PeriodicEvaluator
+
+    if not config.data.eval_source:
+        raise ValueError("train.eval_every needs data.eval_source (held-out problems)")
+    eval_data = dataclasses.replace(config.data, source_options=config.data.eval_source_options)
+    seen = {repr(prompt.prompt) for prompt in training_prompts}
+    candidates = load_prompt_source(config.data.eval_source, eval_data).prompts
+    prompts = [prompt for prompt in candidates if repr(prompt.prompt) not in seen]
+    if not prompts:
+        raise ValueError(f"data.eval_source {config.data.eval_source!r}: every problem is also in the training data")
+    settings = EvalSettings(
+        num_samples=config.train.eval_samples,
+        sampling=SamplingParams.from_config(config.rollout, seed=config.train.seed),
+        max_prompt_tokens=config.data.max_prompt_tokens,
+    )
+    return PeriodicEvaluator(
+        engine=collector.engine, reward_pool=collector.reward_pool, prompts=prompts, tokenize=collector.tokenize,
+        settings=settings, every=config.train.eval_every, output_dir=Path(config.logging.run_dir) / "eval",
+    ), len(candidates) - len(prompts)  # fmt: skip

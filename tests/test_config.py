@@ -4,15 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from guide_mega.config import (
-    Config,
-    ConfigError,
-    config_reference_markdown,
-    describe_config,
-    dump_config,
-    load_config,
-    parse_override,
-)
+from guide_mega.config import Config, ConfigError, dump_config, load_config, parse_override
+from guide_mega.config_reference import config_reference_markdown, describe_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 

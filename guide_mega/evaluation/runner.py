@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -146,3 +147,38 @@ def evaluate(
         "skipped": selection.skipped,
     }
     return EvalResults(problems=problems, meta=run_meta)
+
+
+@dataclass(kw_only=True)
+class PeriodicEvaluator:
+    """Evaluation during training (train.eval_every): held-out problems without hints, through the rollout engine
+    that holds the current weights; each evaluation's results are saved for `guide-mega analyze`."""
+
+    engine: RolloutEngine
+    reward_pool: RewardPool
+    prompts: list[Prompt]
+    tokenize: Tokenize
+    settings: EvalSettings
+    every: int
+    output_dir: Path
+
+    def __call__(self, step: int, *, is_last: bool) -> dict[str, float]:
+        """eval/ metrics at every `every`-th step and after the last; {} at other steps."""
+        if step % self.every != 0 and not is_last:
+            return {}
+        results = evaluate(
+            self.engine, self.reward_pool, self.prompts, tokenize=self.tokenize, settings=self.settings,
+            meta={"step": step}, show_progress=False,
+        )  # fmt: skip
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        results.save(self.output_dir / f"step_{step}.json")
+        n = self.settings.num_samples
+        metrics = {
+            "eval/pass@1": results.pass_at_k(1),
+            f"eval/pass@{n}": results.pass_at_k(n),
+            "eval/num_problems": float(len(results.problems)),
+        }
+        greedy = results.greedy_pass_at_1()
+        if greedy is not None:
+            metrics["eval/greedy_pass@1"] = greedy
+        return metrics
