@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guide-mega", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="run RL training (GRPO, Filter-GRPO, Guide-GRPO) from a YAML config")
+    train = commands.add_parser(
+        "train", help="run RL training (GRPO, Filter-GRPO, Guide-GRPO, PPO, Guide-PPO) from a YAML config"
+    )
     train.add_argument("--config", required=True, help="YAML config; see docs/configuration.md")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.guide.threshold=0.125")
     train.set_defaults(run=_train)
