@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from guide_mega.rewards.results import RewardOptions, RewardResult
-from guide_mega.rewards.sandbox import STARTUP_ALLOWANCE_S, SandboxLimits, run_program
+from guide_mega.rewards.sandbox import STARTUP_ALLOWANCE_S, run_program
 
 TESTS_METADATA_KEY = "tests"
 _PYTHON_FENCE_LANGUAGES = ("python", "py", "python3")
@@ -77,9 +77,11 @@ def _normalized_lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.rstrip().splitlines()]
 
 
-def _run_test(program: str, test: CodeTest, limits: SandboxLimits) -> str | None:
+def _run_test(program: str, test: CodeTest, options: RewardOptions) -> str | None:
     """None when the test passes, else why it failed."""
-    result = run_program(program + test.appended, stdin=test.stdin, limits=limits)
+    result = run_program(
+        program + test.appended, stdin=test.stdin, limits=options.code_limits, scratch_dir=options.code_scratch_dir
+    )
     if result.status != "ok":
         return result.status
     if test.expected_stdout is not None and _normalized_lines(result.stdout) != _normalized_lines(test.expected_stdout):
@@ -100,7 +102,7 @@ def run_tests(program: str, tests: list[CodeTest], options: RewardOptions) -> tu
         budget_s = options.code_time_budget_s
         if budget_s is not None and time.monotonic() - start + run_cost_s > budget_s:
             return passed, first_failure or f"test {index}: not run, the time budget of {budget_s:g} s is spent"
-        failure = _run_test(program, test, options.code_limits)
+        failure = _run_test(program, test, options)
         if failure is None:
             passed += 1
             continue

@@ -4,7 +4,8 @@ math-verify interrupts slow sympy work with SIGALRM, which works only on a proce
 pathological answer can still hang a C call that no signal interrupts. So every sample is scored on the main thread
 of a worker process, and the parent kills a worker that passes its deadline (or dies) and starts a replacement. A
 timed-out or crashed sample scores 0 and is counted; it never stops the training step. The code reward runs its
-programs in sandbox processes started by the worker (`sandbox.py`); a sandbox whose worker is killed dies with it.
+programs in sandbox processes started by the worker (`sandbox.py`); a sandbox whose worker is killed dies with it,
+and its directory, in the pool's scratch directory, goes when the pool closes.
 
 Workers come from a `forkserver` (or `spawn`) context: forking a parent that holds threads, CUDA state or a
 Megatron process group is unsafe, and the fork server has math-verify and sympy imported once, so a replacement
@@ -13,9 +14,13 @@ starts in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -36,6 +41,8 @@ _PRELOAD = ["guide_mega.rewards.verifiers", "math_verify", "reasoning_gym"]
 _JOIN_TIMEOUT_S = 5.0
 # Time a reward function keeps between its own time budget and the pool's deadline (to return its result).
 _DEADLINE_MARGIN_S = 0.5
+# Owner-only listing, but traversable: a program running as an unprivileged user reaches its own run directory.
+_SCRATCH_DIR_MODE = 0o711
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,10 @@ class RewardPool:
     def __init__(self, *, reward_name: str, options: RewardOptions, num_workers: int, timeout_s: float) -> None:
         get_reward_fn(reward_name)
         self.reward_name = reward_name
-        self.options = options
+        # Sandboxed runs happen in here: a worker killed mid-run cannot remove its run's directory, close() can.
+        self._scratch_dir = tempfile.mkdtemp(prefix="guide-mega-rewards-")
+        os.chmod(self._scratch_dir, _SCRATCH_DIR_MODE)
+        self.options = dataclasses.replace(options, code_scratch_dir=self._scratch_dir)
         self._pool = DeadlinePool(score_task, num_workers=num_workers, timeout_s=timeout_s)
         self._status_counts: Counter[str] = Counter()
 
@@ -223,6 +233,7 @@ class RewardPool:
 
     def close(self) -> None:
         self._pool.close()
+        shutil.rmtree(self._scratch_dir, ignore_errors=True)
 
     def __enter__(self) -> RewardPool:
         return self

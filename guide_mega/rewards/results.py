@@ -27,6 +27,8 @@ class RewardOptions:
     """code: reward the fraction of tests passed instead of 1 only when every test passes."""
     code_time_budget_s: float | None = None
     """code: wall seconds for all of a response's tests; a test that could end past it is not run and fails."""
+    code_scratch_dir: str | None = None
+    """code: where program runs get their directories (the reward pool's own); None: the system's temp dir."""
 
 
 @dataclass(frozen=True, kw_only=True)

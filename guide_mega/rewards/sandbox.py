@@ -170,12 +170,15 @@ def _status(stopped: SandboxStatus | None, returncode: int) -> SandboxStatus:
     return "ok" if returncode == 0 else "error"
 
 
-def run_program(source: str, *, stdin: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `source` as `__main__` of a sandboxed Python interpreter with `stdin` as its input."""
+def run_program(
+    source: str, *, stdin: str = "", limits: SandboxLimits | None = None, scratch_dir: str | None = None
+) -> SandboxResult:
+    """Run `source` as `__main__` of a sandboxed Python interpreter with `stdin` as its input, in a new directory
+    under `scratch_dir` (default: the system's temp dir) that is removed afterwards."""
     limits = limits or SandboxLimits()
     start = time.monotonic()
     with (
-        tempfile.TemporaryDirectory(prefix="guide-mega-sandbox-", ignore_cleanup_errors=True) as workdir,
+        tempfile.TemporaryDirectory(prefix="run-", dir=scratch_dir, ignore_cleanup_errors=True) as workdir,
         tempfile.TemporaryFile() as stdin_file,
     ):
         Path(workdir, PROGRAM_FILE).write_text(source, encoding="utf-8")

@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -154,6 +155,9 @@ def test_a_killed_reward_worker_is_replaced_and_its_sample_scores_zero():
         assert [result.reward for result in results] == [0.0, 1.0]
         assert "worker died" in results[0].error
         assert pool.metrics["reward/num_errors"] == 1.0 and pool.metrics["reward/num_worker_restarts"] == 1.0
+        scratch_dir = Path(pool.options.code_scratch_dir)
+        assert list(scratch_dir.iterdir()), "the killed run's directory is left until the pool closes"
+    assert not scratch_dir.exists()
     deadline = time.monotonic() + 5.0
     while _sandbox_parents() and time.monotonic() < deadline:
         time.sleep(0.05)
