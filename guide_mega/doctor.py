@@ -102,7 +102,18 @@ def collect_report() -> dict:
     megatron_ok, megatron_error = _importable("megatron.core")
     report["megatron"] = "ok" if megatron_ok else megatron_error
     report["megatron_mode"] = "CUDA" if cuda else "CPU with gloo (cpu_compat shims)"
+    report["code_sandbox"] = sandbox_isolation()
     return report
+
+
+def sandbox_isolation() -> str:
+    """The isolation layers the code reward's sandbox gets on this machine, found by running a trivial program."""
+    from guide_mega.rewards.sandbox import run_program
+
+    result = run_program("print('ok')")
+    if result.stdout.strip() != "ok":
+        return f"not working ({result.status}): {result.stderr.strip()[-200:]}"
+    return ", ".join(result.isolation) or "limits only"
 
 
 def format_report(report: dict) -> str:

@@ -11,6 +11,8 @@ def test_doctor_json_reports_hot_paths(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["hot_paths"]["group_advantages"] in ("cpp", "reference")
     assert report["torch"] and "megatron-core" in report["packages"]
+    # The sandbox ran a program: it names its layers (at least the resource limits), not an error.
+    assert "rlimits" in report["code_sandbox"], report["code_sandbox"]
 
 
 def _write(path, counts):
