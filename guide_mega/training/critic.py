@@ -81,9 +81,13 @@ class MegatronCritic:
         for seqs in mini_batches:
             counts = (float(sum(lengths_S[seq] for seq in seqs)), float(sum(lengths_S[seq] > 0 for seq in seqs)))
             outputs = self.runner.accumulate_gradients(batch, seqs, self._loss_fn(returns_T, old_values_T, counts))
-            update = self.runner.optimizer_step()
             metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
-            metrics = {**broadcast_object_from_last_stage(metrics), **{f"critic/{k}": v for k, v in update.items()}}
+            metrics = broadcast_object_from_last_stage(metrics)
+            update = self.runner.optimizer_step_if_finite(metrics.get("critic/loss", 0.0))
+            # A NaN/Inf loss or gradient drops this mini-batch's update (the fraction of such is logged).
+            nonfinite = {"update_skipped": 1.0, "nonfinite_skipped": 1.0}
+            update = nonfinite if update is None else {**update, "nonfinite_skipped": 0.0}
+            metrics.update({f"critic/{name}": value for name, value in update.items()})
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + value / len(mini_batches)
         return totals

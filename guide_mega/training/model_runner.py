@@ -9,6 +9,7 @@ its share of the sequences and cuts it into token-budgeted micro-batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,6 +131,19 @@ class ModelRunner:
         return run_schedule(
             self.model, micro_batches, loss_fn, forward_only=False, explicit_causal_mask=not self.packed
         )
+
+    def optimizer_step_if_finite(self, loss: float) -> dict[str, float] | None:
+        """`optimizer_step()`, unless the loss or any gradient (on any rank) is NaN or Inf: then the gradients are
+        dropped and None returned. Collective over the whole world."""
+        from guide_mega.training.train_step import gradients_are_finite
+
+        if gradients_are_finite(self.model, device=self.layout.device) and math.isfinite(loss):
+            return self.optimizer_step()
+        # One NaN or Inf in Adam's moments would poison every later step: this update is dropped, Adam and the LR
+        # schedule never see it.
+        self.model[0].zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return None
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step Adam and the LR schedule (skipped on a non-finite gradient); returns the grad norm and the LR

@@ -9,7 +9,6 @@ on its share of the sequences and results are shared so that every rank returns 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from guide_mega.training.micro_batches import Context
 from guide_mega.training.model_runner import ModelRunner
 from guide_mega.training.train_step import (
     StepTensors,
-    gradients_are_finite,
     make_policy_loss_fn,
     reduce_step_metrics,
 )
@@ -199,14 +197,10 @@ class MegatronPolicy:
         outputs = self.accumulate_gradients(batch, step)
         metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
         metrics = broadcast_object_from_last_stage(metrics)
-        gradients_finite = gradients_are_finite(self.runner.model, device=self.layout.device)
-        if not (gradients_finite and math.isfinite(metrics.get("loss", 0.0))):
-            # One NaN or Inf in Adam's moments would poison every later step: drop this mini-batch's update.
-            self.runner.model[0].zero_grad_buffer()
-            self.runner.optimizer.zero_grad()
+        update = self.runner.optimizer_step_if_finite(metrics.get("loss", 0.0))
+        if update is None:
             logger.warning("non-finite loss (%s) or gradient: optimizer step skipped", metrics.get("loss"))
             return {**metrics, "actor/update_skipped": 1.0, NONFINITE_SKIPPED: 1.0}
-        update = self.runner.optimizer_step()
         self.optimizer_steps += int(not update["update_skipped"])
         return {**metrics, **{f"actor/{name}": value for name, value in update.items()}, NONFINITE_SKIPPED: 0.0}
 

@@ -40,3 +40,21 @@ def test_parallel_critic_matches_single_process(layout_results, tiny_checkpoints
     _, expected_T = critic_values_after_steps(make_critic(tiny_checkpoints["qwen3"]), make_train_batch(), steps=2)
     results = layout_results.load("qwen3")
     torch.testing.assert_close(results["critic_values"], expected_T, atol=1e-5, rtol=1e-4)
+
+
+def test_a_nonfinite_critic_step_is_skipped(tiny_checkpoints, single_process_megatron):
+    """A NaN return poisons the value loss: that update is dropped (weights unchanged, counted), the next one runs."""
+    from policy_probes import make_critic
+
+    critic = make_critic(tiny_checkpoints["llama"])
+    batch = make_train_batch()
+    returns_T = batch.rewards_S[batch.seq_ids_T].clone()
+    values_before_T = critic.compute_values(batch)
+    poisoned_T = returns_T.clone()
+    poisoned_T[0] = float("nan")
+    metrics = critic.train(batch, returns_T=poisoned_T, old_values_T=values_before_T)
+    assert metrics["critic/nonfinite_skipped"] == 1.0 and metrics["critic/update_skipped"] == 1.0
+    assert torch.equal(critic.compute_values(batch), values_before_T)
+    metrics = critic.train(batch, returns_T=returns_T, old_values_T=values_before_T)
+    assert metrics["critic/nonfinite_skipped"] == 0.0
+    assert not torch.equal(critic.compute_values(batch), values_before_T)
