@@ -321,15 +321,7 @@ def build_trainer(config: Config) -> Trainer:
 
     model_dir = resolve_model_path(config.model.path) if _rank() == 0 else None
     model_dir = _broadcast_object(model_dir)
-    policy = MegatronPolicy(
-        model=dataclasses.replace(config.model, path=str(model_dir)),
-        parallel=config.parallel,
-        algorithm=config.algorithm,
-        optimizer=config.optimizer,
-        train=config.train,
-        total_optimizer_steps=config.train.steps * config.train.mini_batches_per_step,
-        temperature=config.rollout.temperature,
-    )
+    policy = MegatronPolicy(**_model_options(config, model_dir), temperature=config.rollout.temperature)
     critic = _build_critic(config, model_dir)
     if _rank() != 0:
         return Trainer(config, policy=policy, collector=None, loader=None, run_log=None, critic=critic)
@@ -370,14 +362,19 @@ def _build_critic(config: Config, model_dir: Path):
         return None
     from guide_mega.training.critic import MegatronCritic
 
-    return MegatronCritic(
-        model=dataclasses.replace(config.model, path=str(model_dir)),
-        parallel=config.parallel,
-        algorithm=config.algorithm,
-        optimizer=config.optimizer,
-        train=config.train,
-        total_optimizer_steps=config.train.steps * config.train.mini_batches_per_step,
-    )
+    return MegatronCritic(**_model_options(config, model_dir))
+
+
+def _model_options(config: Config, model_dir: Path) -> dict:
+    """The keyword arguments the policy and the critic share: the model at `model_dir` and the run's settings."""
+    return {
+        "model": dataclasses.replace(config.model, path=str(model_dir)),
+        "parallel": config.parallel,
+        "algorithm": config.algorithm,
+        "optimizer": config.optimizer,
+        "train": config.train,
+        "total_optimizer_steps": config.train.steps * config.train.mini_batches_per_step,
+    }
 
 
 def _device(config: Config) -> str:
