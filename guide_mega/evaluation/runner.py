@@ -31,8 +31,8 @@ class EvalSettings:
     with_hints: bool = False
     hint_template: str = DEFAULT_HINT_TEMPLATE
     max_prompt_tokens: int | None = None
-    requests_per_call: int = 256
-    """Requests handed to the engine at once (it batches further); the progress bar moves per call."""
+    requests_per_call: int = 64
+    """Requests handed to the engine at once (the HF engine's default batch); the progress bar moves per call."""
 
 
 @dataclass(kw_only=True)
