@@ -141,6 +141,12 @@ class Trainer:
         start = time.perf_counter()
         batch, metrics = self._collect(timer) if self.is_main else (None, {})
         batch, metrics = _broadcast_object((batch, metrics))
+        if metrics.get("filter/partial_batch") and self.config.algorithm.filter_zero_variance:
+            self.run_log.message(
+                f"step {self.step_index + 1}: {metrics['train/num_groups']:.0f} of {self.config.train.prompts_per_step}"
+                f" groups have reward variance after {metrics['filter/rounds']:.0f} sampling rounds "
+                "(algorithm.max_filter_rounds); training on those"
+            )
         if batch is None:
             self.run_log.message(f"step {self.step_index + 1}: no group with reward variance; training skipped")
             metrics["train/skipped_step"] = 1.0
