@@ -29,11 +29,14 @@ from megatron.core import dist_checkpointing
 from guide_mega.config import ParallelConfig
 from guide_mega.training.architecture import ModelArchitecture, read_architecture, transformer_config
 from guide_mega.training.checkpoint import (
+    FINGERPRINT_RTOL,
+    HF_WEIGHT_SUFFIXES,
     MANIFEST_KEY,
     METADATA_FILE,
     CheckpointError,
     file_manifest,
     save_hf_checkpoint,
+    single_threaded_cpu_ops,
     verify_checkpoint,
     weight_fingerprint,
 )
@@ -44,10 +47,6 @@ from guide_mega.training.weight_loading import load_hf_weights
 Dtype = Literal["float32", "bfloat16"]
 HF_CONFIG_DIR = "hf_config"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Weights of an HF checkpoint directory; every other file (config, tokenizer, generation) goes to hf_config/.
-_HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
-# The fingerprint is a float64 sum of squares: only the reduction order may differ between save and load.
-_FINGERPRINT_RTOL = 1e-9
 
 
 def _is_writer() -> bool:
@@ -91,7 +90,7 @@ def _build_model(
 def _copy_hf_config(hf_dir: Path, destination: Path) -> None:
     destination.mkdir(parents=True)
     for source in hf_dir.iterdir():
-        if source.is_file() and not source.name.endswith(_HF_WEIGHT_SUFFIXES):
+        if source.is_file() and not source.name.endswith(HF_WEIGHT_SUFFIXES):
             shutil.copy2(source, destination / source.name)
 
 
@@ -115,13 +114,8 @@ def hf_to_megatron(
         shutil.rmtree(temporary, ignore_errors=True)
         _copy_hf_config(hf_dir, temporary / HF_CONFIG_DIR)
     _barrier()
-    # Megatron's writer forks: a child forked after multi-threaded OpenMP ops hangs (see training/checkpoint.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded_cpu_ops():
         dist_checkpointing.save({"model": module.sharded_state_dict()}, str(temporary))
-    finally:
-        torch.set_num_threads(threads)
     fingerprint = weight_fingerprint(module)
     _barrier()
     files = file_manifest(temporary)
@@ -187,7 +181,7 @@ def load_megatron_checkpoint(
     fingerprint, expected = weight_fingerprint(module), metadata["weight_fingerprint"]
     # A narrower dtype than the one written rounds the weights: the fingerprint only holds without a cast.
     is_exact = dtype is None or dtype == metadata.get("dtype")
-    if is_exact and abs(fingerprint - expected) > _FINGERPRINT_RTOL * max(abs(expected), 1.0):
+    if is_exact and abs(fingerprint - expected) > FINGERPRINT_RTOL * max(abs(expected), 1.0):
         raise CheckpointError(
             f"checkpoint {checkpoint_dir}: loaded weights' fingerprint {fingerprint!r} != recorded {expected!r}"
         )

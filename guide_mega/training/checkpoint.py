@@ -36,7 +36,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 # keeps the tensor/pipeline layout (data-parallel size may change).
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 # Relative tolerance of the weight fingerprint (a float64 sum of squares; only reduction order can differ).
-_FINGERPRINT_RTOL = 1e-9
+FINGERPRINT_RTOL = 1e-9
 # Key of the metadata's file manifest: {relative path: {"bytes": size, "crc32": checksum}}.
 MANIFEST_KEY = "files"
 _CHECKSUM_CHUNK_BYTES = 16 << 20
@@ -109,7 +109,7 @@ def _sharded_state(module, optimizer, scheduler, extra: dict, *, is_loading: boo
 
 
 @contextmanager
-def _single_threaded_cpu_ops():
+def single_threaded_cpu_ops():
     """Run torch CPU ops on one thread for the duration.
 
     Megatron's torch_dist writer forks worker processes. A child forked after the parent ran OpenMP-parallel
@@ -171,7 +171,7 @@ def save_checkpoint(
     _barrier()
     with _savable_optimizer_state(optimizer):
         state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
-        with _single_threaded_cpu_ops():
+        with single_threaded_cpu_ops():
             dist_checkpointing.save(state, str(temporary))
     fingerprint = weight_fingerprint(module)
     _barrier()
@@ -330,15 +330,15 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, sch
     scheduler.load_state_dict(loaded["scheduler"])
     fingerprint = weight_fingerprint(module)
     expected = metadata["weight_fingerprint"]
-    if abs(fingerprint - expected) > _FINGERPRINT_RTOL * max(abs(expected), 1.0):
+    if abs(fingerprint - expected) > FINGERPRINT_RTOL * max(abs(expected), 1.0):
         raise CheckpointError(
             f"checkpoint {path}: loaded weights' fingerprint {fingerprint!r} != recorded {expected!r}"
         )
     return metadata["step"], loaded["extra"]
 
 
-# Files of an HF checkpoint directory that an export copies from the source (everything but the weights).
-_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|model\.safetensors\.index\.json)$")
+# Name endings of the weight files of an HF checkpoint directory; exports copy every other file (config, tokenizer).
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
 
 def save_hf_checkpoint(
@@ -368,7 +368,7 @@ def save_hf_checkpoint(
         index_json = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
         (temporary / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
         for source in Path(source_dir).iterdir():
-            if source.is_file() and not _WEIGHT_FILE.search(source.name):
+            if source.is_file() and not source.name.endswith(HF_WEIGHT_SUFFIXES):
                 shutil.copy2(source, temporary / source.name)
         shutil.rmtree(out_dir, ignore_errors=True)
         temporary.rename(out_dir)
