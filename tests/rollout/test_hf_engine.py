@@ -1,5 +1,7 @@
 """HFEngine on a tiny random Llama: logprobs equal a teacher-forced forward, stops, batching, weight updates."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -63,6 +65,28 @@ def test_batching_does_not_change_results(tiny_model_dir, prompt_ids):
     assert [c.response_ids for c in batched] == [c.response_ids for c in one_by_one]
     for left, right in zip(batched, one_by_one, strict=True):
         torch.testing.assert_close(torch.tensor(left.logprobs), torch.tensor(right.logprobs), atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_repeated_prompts_share_a_prefill_and_finished_rows_leave_the_batch(engine, prompt_ids):
+    """Samples of one prompt start from a copied cache row, and sequences that stop early are dropped from the
+    batch: every surviving row must still continue its own sequence (logprobs equal a teacher-forced forward)."""
+    order = (2, 0, 2, 3, 0, 1, 2, 3, 1, 0)
+    requests = [prompt_ids[index] for index in order]
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    alone = [engine.generate([prompt], greedy)[0].response_ids for prompt in prompt_ids]
+    stops = (alone[0][2], alone[2][5])
+    cut = [engine.generate([prompt], replace(greedy, stop_token_ids=stops))[0].response_ids for prompt in prompt_ids]
+    assert len({len(ids) for ids in cut}) > 1, "the test needs sequences that stop at different steps"
+    batched = engine.generate(requests, replace(greedy, stop_token_ids=stops))
+    assert [c.response_ids for c in batched] == [cut[index] for index in order]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+    first = engine.generate(requests, sampling)
+    sampling = replace(sampling, stop_token_ids=tuple(c.response_ids[2] for c in first[::2]))
+    completions = engine.generate(requests, sampling)
+    assert len({len(c.response_ids) for c in completions}) > 1
+    for prompt, completion in zip(requests, completions, strict=True):
+        check_logprobs(engine.model, prompt, completion, temperature=1.0)
+        assert (completion.finish_reason == "stop") == (completion.response_ids[-1] in sampling.stop_token_ids)
 
 
 def test_stop_token_and_stop_string_end_each_sequence_where_it_completes(engine, prompt_ids):
