@@ -231,6 +231,9 @@ class TrainConfig:
     """Optimizer steps per RL step (the batch is split into this many mini-batches)."""
     micro_batch_tokens: int = ranged(8192, ge=1)
     """Token budget of one packed micro-batch per data-parallel rank."""
+    share_prompts: bool = True
+    """Training rows hold a prompt once for all its samples (same outputs and gradients, about G times fewer
+    prompt tokens). Local layer spec (CPU) only: Transformer Engine's packed (THD) layout repeats the prompt."""
     seed: int = 1
     """Seed of model init, sampling and dropout."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -60,6 +60,7 @@ class MegatronCritic:
             model=model,
             parallel=parallel,
             micro_batch_tokens=train.micro_batch_tokens,
+            share_prompts=train.share_prompts,
             critic=True,
             optimizer=optimizer,
             lr=optimizer.critic_lr,

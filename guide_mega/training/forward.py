@@ -31,7 +31,9 @@ def _causal_mask(length: int, device: torch.device) -> torch.Tensor:
 def stage_forward(model: torch.nn.Module, micro_batch: MicroBatch, *, explicit_causal_mask: bool) -> torch.Tensor:
     """This stage's output: hidden states [S, B, H] (values [S, B] for the critic) on the last stage."""
     input_ids_BS = micro_batch.input_ids_BS
-    mask = _causal_mask(input_ids_BS.shape[1], input_ids_BS.device) if explicit_causal_mask else None
+    mask = micro_batch.attention_mask_B1SS
+    if mask is None and explicit_causal_mask:
+        mask = _causal_mask(input_ids_BS.shape[1], input_ids_BS.device)
     return model(
         input_ids=input_ids_BS,
         position_ids=micro_batch.position_ids_BS,

@@ -65,8 +65,7 @@ def response_hidden_states(hidden_SBH: torch.Tensor, micro_batch: MicroBatch, *,
     if sequence_parallel:
         hidden_SBH = gather_from_sequence_parallel_region(hidden_SBH, tensor_parallel_output_grad=True)
     hidden_XH = hidden_SBH.transpose(0, 1).reshape(-1, hidden_SBH.shape[-1])
-    target_ids_N = micro_batch.target_ids_BS.reshape(-1)[micro_batch.flat_index_N]
-    return hidden_XH[micro_batch.flat_index_N], target_ids_N
+    return hidden_XH[micro_batch.flat_index_N], micro_batch.target_ids_N
 
 
 def micro_batch_logprobs(

@@ -5,9 +5,15 @@ tokens of the whole batch.
 
 Sequence s is its context prompt (hint-free `train_prompt_ids` for the current policy, `sampled_prompt_ids` for
 old logprobs) followed by its response; the model reads tokens[:-1], and response token j is predicted at
-position len(prompt) - 1 + j. Two layouts:
+position len(prompt) - 1 + j. Three layouts:
   padded: one sequence per row, right-padded to the longest row (causal attention keeps pads out of real
-          tokens); works with every layer spec, so it is the CPU layout.
+          tokens); works with every layer spec.
+  shared prompt: padded, but the sequences of a row share one copy of their prompt. The G samples of a group have
+          the same prompt, so a row holds the prompt once and then each response (all but its last token), each
+          attending to the prompt and to itself only (an explicit [B, 1, S, S] mask) and positioned as if it
+          followed the prompt alone. The last prompt position predicts every response's first token. Outputs and
+          gradients equal the padded layout's, for about G times fewer prompt tokens. Needs an arbitrary mask, so
+          it is the local spec's (CPU) layout.
   packed: every sequence end to end in one row with cu_seqlens (THD), for Transformer Engine's attention.
 """
 
@@ -22,8 +28,6 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from guide_mega.types import TrainBatch
 
 Context = Literal["train", "sampled"]
-# Target id of positions that predict no response token (prompt, padding): logprob 0, no gradient.
-IGNORE_INDEX = -100
 
 
 @dataclass(kw_only=True)
@@ -32,14 +36,17 @@ class MicroBatch:
 
     input_ids_BS: torch.Tensor
     position_ids_BS: torch.Tensor
-    target_ids_BS: torch.Tensor
-    """Response token predicted at each position, IGNORE_INDEX elsewhere."""
     flat_index_N: torch.Tensor
-    """Positions in the flattened [B * S] inputs that predict response tokens, in batch token order."""
+    """Positions in the flattened [B * S] inputs that predict response tokens, in batch token order (a shared
+    prompt's last position appears once per response)."""
+    target_ids_N: torch.Tensor
+    """The response token predicted at each of those positions."""
     token_index_N: torch.Tensor
     """Index of each of those tokens in the batch's T response tokens."""
     seq_ids_N: torch.Tensor
     """Micro-batch-local sequence index (0..) of each response token, for per-sequence aggregation."""
+    attention_mask_B1SS: torch.Tensor | None = None
+    """True where attention is masked, for rows of shared-prompt sequences; None means plain causal attention."""
     packed_seq_params: PackedSeqParams | None = None
 
     @property
@@ -47,13 +54,15 @@ class MicroBatch:
         return int(self.input_ids_BS.numel())
 
 
-def _sequence(batch: TrainBatch, seq: int, context: Context) -> tuple[list[int], int]:
-    """(prompt + response token ids, prompt length) of sequence `seq` under the chosen context."""
+def _prompt(batch: TrainBatch, seq: int, context: Context) -> list[int]:
     prompt = batch.train_prompt_ids[seq] if context == "train" else batch.sampled_prompt_ids[seq]
     if not prompt:
         raise ValueError(f"TrainBatch sequence {seq} has an empty {context} prompt")
-    start, end = int(batch.cu_seqlens_S1[seq]), int(batch.cu_seqlens_S1[seq + 1])
-    return list(prompt) + batch.response_ids_T[start:end].tolist(), len(prompt)
+    return list(prompt)
+
+
+def _response(batch: TrainBatch, seq: int) -> list[int]:
+    return batch.response_ids_T[int(batch.cu_seqlens_S1[seq]) : int(batch.cu_seqlens_S1[seq + 1])].tolist()
 
 
 def sequence_lengths(batch: TrainBatch, context: Context) -> list[int]:
@@ -61,6 +70,32 @@ def sequence_lengths(batch: TrainBatch, context: Context) -> list[int]:
     prompts = batch.train_prompt_ids if context == "train" else batch.sampled_prompt_ids
     responses_S = (batch.cu_seqlens_S1[1:] - batch.cu_seqlens_S1[:-1]).tolist()
     return [len(prompt) + response - 1 for prompt, response in zip(prompts, responses_S, strict=True)]
+
+
+def row_length(batch: TrainBatch, row: list[int], context: Context, lengths: list[int]) -> int:
+    """Input length of a row holding one prompt and the responses of sequences `row` (which share that prompt);
+    `lengths` are the sequence_lengths."""
+    return sum(lengths[seq] for seq in row) - (len(row) - 1) * len(_prompt(batch, row[0], context))
+
+
+def shared_prompt_rows(batch: TrainBatch, seqs: list[int], context: Context, *, max_tokens: int) -> list[list[int]]:
+    """`seqs` grouped by identical context prompt, each group cut so that its row stays within max_tokens."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for seq in seqs:
+        by_prompt.setdefault(tuple(_prompt(batch, seq, context)), []).append(seq)
+    lengths = sequence_lengths(batch, context)
+    rows: list[list[int]] = []
+    for prompt, group in by_prompt.items():
+        row, size = [], len(prompt)
+        for seq in group:
+            extra = lengths[seq] - len(prompt)
+            if row and size + extra > max_tokens:
+                rows.append(row)
+                row, size = [], len(prompt)
+            row.append(seq)
+            size += extra
+        rows.append(row)
+    return rows
 
 
 def shard_for_data_parallel(seqs: list[int], lengths: list[int], *, data_parallel: int, data_rank: int) -> list[int]:
@@ -98,41 +133,83 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+@dataclass
+class _Row:
+    """One row's (or, packed, one sequence's) inputs and the response tokens it predicts."""
+
+    inputs: list[int]
+    positions: list[int]
+    segments: list[int]
+    """-1 on the prompt, k on the k-th response's positions."""
+    predictions: list[tuple[int, int, int, int]]
+    """(position in the row, target token, index in the batch's T tokens, sequence) per response token."""
+
+
+def _build_row(batch: TrainBatch, seqs: list[int], context: Context) -> _Row:
+    """A prompt (shared by `seqs`) followed by each response but its last token, positioned after the prompt."""
+    prompt = _prompt(batch, seqs[0], context)
+    row = _Row(list(prompt), list(range(len(prompt))), [-1] * len(prompt), [])
+    for segment, seq in enumerate(seqs):
+        response, start = _response(batch, seq), len(row.inputs)
+        first_token = int(batch.cu_seqlens_S1[seq])
+        for j, token in enumerate(response):
+            position = len(prompt) - 1 if j == 0 else start + j - 1
+            row.predictions.append((position, token, first_token + j, seq))
+        row.inputs += response[:-1]
+        row.positions += range(len(prompt), len(prompt) + len(response) - 1)
+        row.segments += [segment] * max(len(response) - 1, 0)
+    return row
+
+
+def _shared_prompt_mask(segments_BS: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S], True where masked: each response sees its prompt and itself causally; pads (segment -2) see
+    only pads, so no softmax row is empty."""
+    length = segments_BS.shape[1]
+    causal_SS = torch.ones(length, length, dtype=torch.bool).tril()
+    query_BS1, key_B1S = segments_BS[:, :, None], segments_BS[:, None, :]
+    sees_prompt = (key_B1S == -1) & (query_BS1 != -2)
+    allowed_BSS = causal_SS & (sees_prompt | (key_B1S == query_BS1))
+    return ~allowed_BSS[:, None]
+
+
 def build_micro_batch(
-    batch: TrainBatch, seqs: list[int], *, context: Context, packed: bool, pad_multiple: int, device: torch.device
+    batch: TrainBatch, rows: list[list[int]], *, context: Context, packed: bool, pad_multiple: int, device: torch.device
 ) -> MicroBatch:
-    """Inputs for sequences `seqs`; every row (padded) or every sequence (packed) is padded to pad_multiple."""
-    rows = [_sequence(batch, seq, context) for seq in seqs]
-    lengths = [_round_up(len(tokens) - 1, pad_multiple) for tokens, _ in rows]
-    width = sum(lengths) if packed else max(lengths)
-    num_rows = 1 if packed else len(rows)
+    """Inputs for `rows` (each a list of sequences sharing a prompt; one sequence each when packed); every row
+    (padded) or every sequence (packed) is padded to pad_multiple."""
+    built = [_build_row(batch, seqs, context) for seqs in rows]
+    if packed and any(len(seqs) > 1 for seqs in rows):
+        raise ValueError("packed (THD) micro-batches hold one sequence per prompt; shared prompts need padded rows")
+    lengths = [_round_up(len(row.inputs), pad_multiple) for row in built]
+    width, num_rows = (sum(lengths), 1) if packed else (max(lengths), len(built))
     input_ids_BS = torch.zeros(num_rows, width, dtype=torch.long)
     position_ids_BS = torch.zeros(num_rows, width, dtype=torch.long)
-    target_ids_BS = torch.full((num_rows, width), IGNORE_INDEX, dtype=torch.long)
-    flat_index, token_index, seq_ids = [], [], []
+    segments_BS = torch.full((num_rows, width), -2, dtype=torch.long)
+    predictions: list[tuple[int, int, int, int]] = []
     offset = 0
-    for local, ((tokens, prompt_len), length, seq) in enumerate(zip(rows, lengths, seqs, strict=True)):
-        row, start = (0, offset) if packed else (local, 0)
-        num_inputs = len(tokens) - 1
-        input_ids_BS[row, start : start + num_inputs] = torch.tensor(tokens[:-1])
-        position_ids_BS[row, start : start + length] = torch.arange(length)
-        first = start + prompt_len - 1
-        responses = tokens[prompt_len:]
-        target_ids_BS[row, first : first + len(responses)] = torch.tensor(responses, dtype=torch.long)
-        flat_index.append(row * width + torch.arange(first, first + len(responses)))
-        token_start = int(batch.cu_seqlens_S1[seq])
-        token_index.append(torch.arange(token_start, token_start + len(responses)))
-        seq_ids.append(torch.full((len(responses),), local, dtype=torch.long))
+    for index, (row, length) in enumerate(zip(built, lengths, strict=True)):
+        row_index, start = (0, offset) if packed else (index, 0)
+        input_ids_BS[row_index, start : start + len(row.inputs)] = torch.tensor(row.inputs)
+        # Pads continue the row's count (to the row's end when padded), so plain rows keep positions 0..S-1.
+        end = start + length if packed else width
+        position_ids_BS[row_index, start:end] = torch.tensor(
+            row.positions + list(range(len(row.positions), end - start))
+        )
+        segments_BS[row_index, start : start + len(row.inputs)] = torch.tensor(row.segments)
+        predictions += [(row_index * width + start + p, *rest) for p, *rest in row.predictions]
         offset += length
-    packed_seq_params = _packed_seq_params(lengths, device) if packed else None
+    local = {seq: index for index, seq in enumerate(seq for seqs in rows for seq in seqs)}
+    flat, targets, tokens, seqs_N = zip(*predictions, strict=True) if predictions else ((), (), (), ())
+    shared = any(len(seqs) > 1 for seqs in rows)
     return MicroBatch(
         input_ids_BS=input_ids_BS.to(device),
         position_ids_BS=position_ids_BS.to(device),
-        target_ids_BS=target_ids_BS.to(device),
-        flat_index_N=torch.cat(flat_index).to(device),
-        token_index_N=torch.cat(token_index),
-        seq_ids_N=torch.cat(seq_ids).to(device),
-        packed_seq_params=packed_seq_params,
+        flat_index_N=torch.tensor(flat, dtype=torch.long, device=device),
+        target_ids_N=torch.tensor(targets, dtype=torch.long, device=device),
+        token_index_N=torch.tensor(tokens, dtype=torch.long),
+        seq_ids_N=torch.tensor([local[seq] for seq in seqs_N], dtype=torch.long, device=device),
+        attention_mask_B1SS=_shared_prompt_mask(segments_BS).to(device) if shared else None,
+        packed_seq_params=_packed_seq_params(lengths, device) if packed else None,
     )
 
 
@@ -156,13 +233,32 @@ def plan_micro_batches(
     context: Context,
     max_tokens: int,
     packed: bool,
+    share_prompts: bool,
     pad_multiple: int,
+    data_parallel: int = 1,
+    data_rank: int = 0,
     device: torch.device,
 ) -> list[MicroBatch]:
-    """This rank's micro-batches over sequences `seqs` (already this data-parallel rank's share)."""
-    lengths = sequence_lengths(batch, context)
-    groups = split_by_token_budget(seqs, lengths, max_tokens=max_tokens, padded=not packed)
+    """This data-parallel rank's micro-batches over sequences `seqs`: rows (one prompt and its sequences, or one
+    sequence) are shared out across ranks by input length, then cut into micro-batches of at most max_tokens."""
+    if share_prompts:
+        if packed:
+            raise ValueError("shared-prompt rows need padded micro-batches, not packed (THD) ones")
+        rows = shared_prompt_rows(batch, seqs, context, max_tokens=max_tokens)
+    else:
+        rows = [[seq] for seq in seqs]
+    seq_lengths = sequence_lengths(batch, context)
+    lengths = [row_length(batch, row, context, seq_lengths) for row in rows]
+    mine = shard_for_data_parallel(list(range(len(rows))), lengths, data_parallel=data_parallel, data_rank=data_rank)
+    groups = split_by_token_budget(mine, lengths, max_tokens=max_tokens, padded=not packed)
     return [
-        build_micro_batch(batch, group, context=context, packed=packed, pad_multiple=pad_multiple, device=device)
+        build_micro_batch(
+            batch,
+            [rows[index] for index in group],
+            context=context,
+            packed=packed,
+            pad_multiple=pad_multiple,
+            device=device,
+        )
         for group in groups
     ]

@@ -37,6 +37,25 @@ class HiddenStatesGPTModel(GPTModel):
     def _postprocess(self, hidden_states, *args, **kwargs):
         return hidden_states
 
+    def _preprocess(self, input_ids, position_ids, *args, packed_seq_params=None, **kwargs):
+        """GPTModel's, with RoPE at each row's own position ids when they are not 0..S-1 (shared-prompt rows,
+        where a response is positioned right after its prompt wherever it sits in the row).
+
+        GPTModel ignores position_ids for RoPE and rotates position s of every row by s; the rotary frequencies
+        [S, 1, 1, D] are re-indexed here to [S, B, 1, D], which the unfused rotary path broadcasts per row.
+        """
+        output = super()._preprocess(input_ids, position_ids, *args, packed_seq_params=packed_seq_params, **kwargs)
+        freqs_S11D = output[1]
+        if freqs_S11D is None or position_ids is None or packed_seq_params is not None:
+            return output
+        positions_S = torch.arange(position_ids.shape[1], device=position_ids.device)
+        if torch.equal(position_ids, positions_S.expand_as(position_ids)):
+            return output
+        if self.config.context_parallel_size > 1 or self.config.apply_rope_fusion:
+            raise ValueError("per-row position ids need context_parallel_size 1 and the unfused rotary embedding")
+        freqs_SB1D = freqs_S11D[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)
+        return (output[0], freqs_SB1D, *output[2:])
+
     def output_weight(self) -> torch.Tensor:
         """The local vocabulary shard of the LM-head weight [V_padded / TP, H] (the embedding when tied)."""
         if self.share_embeddings_and_output_weights:

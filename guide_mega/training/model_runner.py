@@ -23,8 +23,6 @@ from guide_mega.training.micro_batches import (
     Context,
     MicroBatch,
     plan_micro_batches,
-    sequence_lengths,
-    shard_for_data_parallel,
 )
 from guide_mega.training.model import build_gpt_model, transformer_engine_available
 from guide_mega.training.optimizer import build_optimizer, wrap_data_parallel
@@ -47,6 +45,7 @@ class ModelRunner:
         model: ModelConfig,
         parallel: ParallelConfig,
         micro_batch_tokens: int,
+        share_prompts: bool = True,
         critic: bool = False,
         optimizer: OptimizerConfig | None = None,
         lr: float = 0.0,
@@ -67,8 +66,10 @@ class ModelRunner:
             recompute=model.recompute,
             use_cpu_initialization=not torch.cuda.is_available(),
         )
-        # THD packing needs Transformer Engine's attention; the local spec gets one right-padded row per sequence.
+        # THD packing needs Transformer Engine's attention; the local spec gets right-padded rows with an explicit
+        # mask, which lets the samples of a prompt share one copy of it.
         self.packed = transformer_engine_available()
+        self.share_prompts = share_prompts and not self.packed
         self.pad_multiple = parallel.tensor if parallel.sequence_parallel else 1
         self.module = build_gpt_model(arch, self.config, layout, critic=critic)
         load_hf_weights(self.module, checkpoint_dir, arch, layout, critic=critic)
@@ -84,15 +85,16 @@ class ModelRunner:
 
     def micro_batches(self, batch: TrainBatch, seqs: list[int], context: Context) -> list[MicroBatch]:
         """This data-parallel rank's micro-batches over the sequences `seqs`."""
-        lengths = sequence_lengths(batch, context)
-        mine = shard_for_data_parallel(seqs, lengths, data_parallel=self.layout.data, data_rank=self.layout.data_rank)
         return plan_micro_batches(
             batch,
-            mine,
+            seqs,
             context=context,
             max_tokens=self.micro_batch_tokens,
             packed=self.packed,
+            share_prompts=self.share_prompts,
             pad_multiple=self.pad_multiple,
+            data_parallel=self.layout.data,
+            data_rank=self.layout.data_rank,
             device=self.layout.device,
         )
 

@@ -79,7 +79,12 @@ class MegatronPolicy:
         self.arch = read_architecture(self.checkpoint_dir)
         self.layout = init_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline, seed=train.seed)
         self.algorithm, self.train_config, self.temperature = algorithm, train, temperature
-        shared = {"model": model, "parallel": parallel, "micro_batch_tokens": train.micro_batch_tokens}
+        shared = {
+            "model": model,
+            "parallel": parallel,
+            "micro_batch_tokens": train.micro_batch_tokens,
+            "share_prompts": train.share_prompts,
+        }
         self.runner = ModelRunner(
             self.checkpoint_dir,
             self.arch,

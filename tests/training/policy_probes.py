@@ -14,8 +14,9 @@ from guide_mega.training.policy import MegatronPolicy
 from guide_mega.training.train_step import reduce_step_metrics
 from guide_mega.training.weight_export import export_hf_weights
 
-# A micro-batch token budget that cuts the default tiny batch (make_train_batch) into exactly four micro-batches.
-FOUR_MICRO_BATCH_TOKENS = 24
+# A micro-batch token budget that cuts the default tiny batch (make_train_batch, each group one shared-prompt row)
+# into exactly four micro-batches.
+FOUR_MICRO_BATCH_TOKENS = 12
 
 
 def make_policy(
@@ -27,6 +28,7 @@ def make_policy(
     lr: float = 1e-3,
     loss_aggregation: str = "seq_mean_token_mean",
     mini_batches: int = 1,
+    share_prompts: bool = True,
 ) -> MegatronPolicy:
     """An fp32 Guide-GRPO policy (shaping for guided tokens) on the tiny checkpoint."""
     algorithm = AlgorithmConfig(loss_aggregation=loss_aggregation, guide=GuideConfig(enabled=True))
@@ -36,7 +38,10 @@ def make_policy(
         algorithm=algorithm,
         optimizer=OptimizerConfig(lr=lr, grad_clip=0.0),
         train=TrainConfig(
-            micro_batch_tokens=micro_batch_tokens, mini_batches_per_step=mini_batches, prompts_per_step=4
+            micro_batch_tokens=micro_batch_tokens,
+            mini_batches_per_step=mini_batches,
+            prompts_per_step=4,
+            share_prompts=share_prompts,
         ),
         total_optimizer_steps=100,
     )

@@ -32,7 +32,8 @@ def test_parallel_layouts_give_the_single_process_loss_and_gradients(family, lay
     """DP=2 vs DP=1 (and TP=2, PP=2, TP=2 x PP=2): the same loss and gradients."""
     reference = single_process_reference[family]
     results = layout_results.load(family)
-    assert results["loss"] == pytest.approx(reference["loss"], rel=1e-6), layout_results.name
+    # fp32 with the TP all-reduces and shared-prompt rows summing in other orders: ~1e-6 relative.
+    assert results["loss"] == pytest.approx(reference["loss"], rel=5e-6), layout_results.name
     _assert_same_gradients(reference["gradients"], results["gradients"], f"{layout_results.name} {family}")
 
 
@@ -46,6 +47,34 @@ def test_loss_is_split_invariant_in_every_aggregation_mode(mode, tiny_checkpoint
     split_loss, split_gradients = loss_and_gradients(split, make_train_batch())
     assert split_loss == pytest.approx(loss, rel=1e-6)
     _assert_same_gradients(gradients, split_gradients, mode)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shared_prompt_rows_give_the_same_logprobs_loss_and_gradients(
+    family, tiny_checkpoints, single_process_megatron
+):
+    """A group's samples in one row with one copy of the prompt vs one row per sample: same numbers, fewer tokens."""
+    from policy_probes import loss_and_gradients, make_policy
+
+    batch = make_train_batch(num_groups=3, group_size=4, guided_groups=(1,))
+    shared = make_policy(tiny_checkpoints[family], share_prompts=True)
+    alone = make_policy(tiny_checkpoints[family], share_prompts=False)
+    seqs = list(range(batch.num_seqs))
+    shared_tokens = sum(mb.num_tokens for mb in shared.runner.micro_batches(batch, seqs, "train"))
+    assert shared_tokens < sum(mb.num_tokens for mb in alone.runner.micro_batches(batch, seqs, "train"))
+    for context in ("train", "sampled"):
+        torch.testing.assert_close(
+            shared.compute_logprobs(batch, context=context),
+            alone.compute_logprobs(batch, context=context),
+            atol=1e-5,
+            rtol=0,
+        )
+    loss, gradients = loss_and_gradients(shared, make_train_batch(num_groups=3, group_size=4, guided_groups=(1,)))
+    alone_loss, alone_gradients = loss_and_gradients(
+        alone, make_train_batch(num_groups=3, group_size=4, guided_groups=(1,))
+    )
+    assert loss == pytest.approx(alone_loss, rel=1e-5)
+    _assert_same_gradients(alone_gradients, gradients, family)
 
 
 def test_guided_samples_use_hinted_old_and_hint_free_current_logprobs(tiny_checkpoints, single_process_megatron):

@@ -52,16 +52,27 @@ def save_tiny_model(directory: str | Path, family: str, *, tied: bool = False, n
     return model.eval()
 
 
-def make_train_batch(*, num_groups: int = 4, group_size: int = 2, guided_groups: tuple[int, ...] = (1,), seed: int = 0):
-    """A deterministic TrainBatch: random prompts and responses; guided groups get a longer (hinted) sampled prompt."""
+def make_train_batch(
+    *,
+    num_groups: int = 4,
+    group_size: int = 2,
+    guided_groups: tuple[int, ...] = (1,),
+    seed: int = 0,
+    shared_prompts: bool = True,
+):
+    """A deterministic TrainBatch: random prompts and responses; guided groups get a longer (hinted) sampled prompt.
+    The sequences of a group share their prompt, as in RL (so training rows share it), unless shared_prompts=False
+    gives every sequence its own."""
     from guide_mega.types import TrainBatch
 
     generator = torch.Generator().manual_seed(seed)
     num_seqs = num_groups * group_size
     group_ids_S = torch.arange(num_groups).repeat_interleave(group_size)
     is_guided_S = torch.tensor([int(group) in guided_groups for group in group_ids_S], dtype=torch.bool)
-    prompt_lengths = torch.randint(2, 9, (num_seqs,), generator=generator).tolist()
-    train_prompts = [torch.randint(0, TINY_VOCAB, (length,), generator=generator).tolist() for length in prompt_lengths]
+    num_prompts = num_groups if shared_prompts else num_seqs
+    prompt_lengths = torch.randint(2, 9, (num_prompts,), generator=generator).tolist()
+    prompts = [torch.randint(0, TINY_VOCAB, (length,), generator=generator).tolist() for length in prompt_lengths]
+    train_prompts = [prompts[group if shared_prompts else seq] for seq, group in enumerate(group_ids_S.tolist())]
     hint = torch.randint(0, TINY_VOCAB, (4,), generator=generator).tolist()
     sampled_prompts = [
         prompt + hint if guided else prompt for prompt, guided in zip(train_prompts, is_guided_S.tolist(), strict=True)
