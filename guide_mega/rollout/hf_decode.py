@@ -71,7 +71,7 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _prefill(model, prompts: list[tuple[int, ...]], *, pad_id: int, device: torch.device):
+def _prefill(model, prompts: list[tuple[int, ...]], *, pad_id: int, device: torch.device, cache_argument: str):
     """Prefill the distinct prompts once: (cache, attention_mask_UP, next position [U], last logits [U, V])."""
     width = max(len(ids) for ids in prompts)
     input_ids_UP = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -88,7 +88,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], *, pad_id: int, device: torc
         position_ids=position_ids_UP,
         use_cache=True,
         logits_to_keep=1,
-        **{_cache_argument(model): cache},
+        **{cache_argument: cache},
     )
     next_position_U = attention_mask_UP.sum(-1)
     return cache, attention_mask_UP, next_position_U, output.logits[:, -1]
@@ -109,7 +109,10 @@ def sample_batch(
     distinct = list(dict.fromkeys(tuple(ids) for ids in requests))
     prompt_row = {ids: row for row, ids in enumerate(distinct)}
     rows_B = torch.tensor([prompt_row[tuple(ids)] for ids in requests], device=device)
-    cache, attention_mask_UK, next_position_U, logits_UV = _prefill(model, distinct, pad_id=pad_id, device=device)
+    cache_argument = _cache_argument(model)
+    cache, attention_mask_UK, next_position_U, logits_UV = _prefill(
+        model, distinct, pad_id=pad_id, device=device, cache_argument=cache_argument
+    )
     cache.batch_select_indices(rows_B)
     attention_mask_AK, position_A, logits_AV = attention_mask_UK[rows_B], next_position_U[rows_B], logits_UV[rows_B]
     responses = [_Response(stop_ids=stop_ids, stop=sampling.stop, tokenizer=tokenizer) for _ in requests]
@@ -135,7 +138,7 @@ def sample_batch(
             attention_mask=attention_mask_AK,
             position_ids=position_A[:, None],
             use_cache=True,
-            **{_cache_argument(model): cache},
+            **{cache_argument: cache},
         )
         logits_AV, position_A = output.logits[:, -1], position_A + 1
     return [_completion(response, tokenizer) for response in responses]
