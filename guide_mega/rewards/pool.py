@@ -146,6 +146,8 @@ class DeadlinePool:
         outcomes: list[Outcome | None] = [None] * len(items)
         pending = deque(enumerate(items))
         while pending or any(worker.task_index is not None for worker in self._workers):
+            if not self._workers:
+                raise RuntimeError("DeadlinePool.map: the pool was closed")
             self._dispatch(pending)
             self._collect(outcomes)
         return outcomes  # type: ignore[return-value]  # every slot was filled by _collect

@@ -86,12 +86,17 @@ def _pool(num_workers: int, **overrides) -> RewardPool:
 
 
 def _sandbox_parents() -> set[int]:
-    """Pids of the processes that started a running sandbox (the reward workers)."""
-    parents = set()
+    """Pids of the processes that started a running sandbox (the reward workers).
+
+    The sandbox forks once more to run the program as PID 1 of its own PID namespace, and that child keeps the
+    sandbox's command line: its parent is the sandbox itself, not a worker, so sandboxes are left out.
+    """
+    parents, sandboxes = set(), set()
     for process in psutil.process_iter(["cmdline", "ppid"]):
         if any(part.endswith("sandbox_child.py") for part in process.info["cmdline"] or []):
             parents.add(process.info["ppid"])
-    return parents
+            sandboxes.add(process.pid)
+    return parents - sandboxes
 
 
 def test_adversarial_programs_score_zero_and_the_pool_keeps_going(tmp_path):
@@ -162,3 +167,10 @@ def test_a_killed_reward_worker_is_replaced_and_its_sample_scores_zero():
     while _sandbox_parents() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _sandbox_parents()
+
+
+def test_scoring_on_a_closed_pool_is_a_clear_error():
+    pool = _pool(1)
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.score([fenced("print('ok')")], [json.dumps({"inputs": [""], "outputs": ["ok"]})], [{}])
