@@ -50,6 +50,7 @@ class _Response:
 
     def __init__(self, *, stop_ids: set[int], stop: Sequence[str], tokenizer: Any) -> None:
         self.stop_ids, self.stop, self.tokenizer = stop_ids, stop, tokenizer
+        self.stop_window = max((len(text) for text in stop), default=0) + _STOP_WINDOW_MARGIN
         self.ids: list[int] = []
         self.logprobs: list[float] = []
         self.stopped = False
@@ -60,8 +61,7 @@ class _Response:
         self.stopped = token in self.stop_ids or (bool(self.stop) and self._completes_stop())
 
     def _completes_stop(self) -> bool:
-        window = max(len(text) for text in self.stop) + _STOP_WINDOW_MARGIN
-        tail = self.ids[-window:]
+        tail = self.ids[-self.stop_window :]
         now, before = self.tokenizer.batch_decode([tail, tail[:-1]])
         return any(text in now and text not in before for text in self.stop)
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class HFEngine:
-    """A `RolloutEngine` over a transformers causal LM, generating `batch_size` sequences per `generate` call."""
+    """A `RolloutEngine` over a transformers causal LM, sampling `batch_size` sequences at a time."""
 
     def __init__(
         self,

@@ -78,12 +78,14 @@ def row_length(batch: TrainBatch, row: list[int], context: Context, lengths: lis
     return sum(lengths[seq] for seq in row) - (len(row) - 1) * len(_prompt(batch, row[0], context))
 
 
-def shared_prompt_rows(batch: TrainBatch, seqs: list[int], context: Context, *, max_tokens: int) -> list[list[int]]:
-    """`seqs` grouped by identical context prompt, each group cut so that its row stays within max_tokens."""
+def shared_prompt_rows(
+    batch: TrainBatch, seqs: list[int], context: Context, *, max_tokens: int, lengths: list[int]
+) -> list[list[int]]:
+    """`seqs` grouped by identical context prompt, each group cut so that its row stays within max_tokens;
+    `lengths` are the sequence_lengths."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for seq in seqs:
         by_prompt.setdefault(tuple(_prompt(batch, seq, context)), []).append(seq)
-    lengths = sequence_lengths(batch, context)
     rows: list[list[int]] = []
     for prompt, group in by_prompt.items():
         row, size = [], len(prompt)
@@ -178,7 +180,8 @@ def build_micro_batch(
     """Inputs for `rows` (each a list of sequences sharing a prompt; one sequence each when packed); every row
     (padded) or every sequence (packed) is padded to pad_multiple."""
     built = [_build_row(batch, seqs, context) for seqs in rows]
-    if packed and any(len(seqs) > 1 for seqs in rows):
+    shared = any(len(seqs) > 1 for seqs in rows)
+    if packed and shared:
         raise ValueError("packed (THD) micro-batches hold one sequence per prompt; shared prompts need padded rows")
     lengths = [_round_up(len(row.inputs), pad_multiple) for row in built]
     width, num_rows = (sum(lengths), 1) if packed else (max(lengths), len(built))
@@ -200,7 +203,6 @@ def build_micro_batch(
         offset += length
     local = {seq: index for index, seq in enumerate(seq for seqs in rows for seq in seqs)}
     flat, targets, tokens, seqs_N = zip(*predictions, strict=True) if predictions else ((), (), (), ())
-    shared = any(len(seqs) > 1 for seqs in rows)
     return MicroBatch(
         input_ids_BS=input_ids_BS.to(device),
         position_ids_BS=position_ids_BS.to(device),
@@ -241,13 +243,13 @@ def plan_micro_batches(
 ) -> list[MicroBatch]:
     """This data-parallel rank's micro-batches over sequences `seqs`: rows (one prompt and its sequences, or one
     sequence) are shared out across ranks by input length, then cut into micro-batches of at most max_tokens."""
+    seq_lengths = sequence_lengths(batch, context)
     if share_prompts:
         if packed:
             raise ValueError("shared-prompt rows need padded micro-batches, not packed (THD) ones")
-        rows = shared_prompt_rows(batch, seqs, context, max_tokens=max_tokens)
+        rows = shared_prompt_rows(batch, seqs, context, max_tokens=max_tokens, lengths=seq_lengths)
     else:
         rows = [[seq] for seq in seqs]
-    seq_lengths = sequence_lengths(batch, context)
     lengths = [row_length(batch, row, context, seq_lengths) for row in rows]
     mine = shard_for_data_parallel(list(range(len(rows))), lengths, data_parallel=data_parallel, data_rank=data_rank)
     groups = split_by_token_budget(mine, lengths, max_tokens=max_tokens, padded=not packed)

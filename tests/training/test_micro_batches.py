@@ -75,7 +75,8 @@ def test_shared_prompt_rows_show_each_prediction_exactly_its_own_sequence(contex
     """What the mask lets each prediction position see, in order, must be its prompt and its response so far,
     at positions 0, 1, ...: then attention computes what it would on the sequence alone."""
     batch = make_train_batch(num_groups=3, group_size=4, guided_groups=(1,))
-    rows = shared_prompt_rows(batch, list(range(batch.num_seqs)), context, max_tokens=10**6)
+    lengths = sequence_lengths(batch, context)
+    rows = shared_prompt_rows(batch, list(range(batch.num_seqs)), context, max_tokens=10**6, lengths=lengths)
     assert sorted(len(row) for row in rows) == [4, 4, 4]
     micro_batch = build_micro_batch(
         batch, rows, context=context, packed=False, pad_multiple=1, device=torch.device("cpu")
@@ -106,7 +107,7 @@ def test_shared_prompt_rows_partition_the_sequences_within_the_budget():
     batch = make_train_batch(num_groups=3, group_size=6)
     lengths = sequence_lengths(batch, "train")
     budget = max(lengths) + 8
-    rows = shared_prompt_rows(batch, list(range(batch.num_seqs)), "train", max_tokens=budget)
+    rows = shared_prompt_rows(batch, list(range(batch.num_seqs)), "train", max_tokens=budget, lengths=lengths)
     assert sorted(seq for row in rows for seq in row) == list(range(batch.num_seqs))
     for row in rows:
         assert len({tuple(batch.train_prompt_ids[seq]) for seq in row}) == 1
