@@ -52,7 +52,9 @@ def main(kit_model_dir: Path, output_dir: Path) -> None:
     model = unigram_llama(config, tokenizer.eos_token_id)
     model.save_pretrained(output_dir / "model")
     tokenizer.save_pretrained(output_dir / "model")
-    rows = [{"id": f"q{i}", "prompt": f"Say one ({i}).", "answer": "1", "hint": "It is small."} for i in range(NUM_PROMPTS)]
+    rows = [
+        {"id": f"q{i}", "prompt": f"Say one ({i}).", "answer": "1", "hint": "It is small."} for i in range(NUM_PROMPTS)
+    ]
     (output_dir / "say_one.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     parameters = sum(p.numel() for p in model.parameters())
     print(f"gpu_smoke_model: {parameters / 1e6:.1f}M parameters, {config.num_hidden_layers} layers -> {output_dir}")
