@@ -5,6 +5,7 @@ The C++/CUDA extension guide_mega._C is built from csrc/ when torch is importabl
 """
 
 import os
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -19,6 +20,18 @@ _CUDA_SOURCES = ["csrc/group_advantages_cuda.cu"]
 _CXX_FLAGS = ["-O3"]
 # The public Extension fields that differ between torch's CUDAExtension and CppExtension.
 _EXTENSION_FIELDS = ("sources", "include_dirs", "library_dirs", "libraries", "extra_compile_args", "extra_link_args")
+
+
+# Run in a fresh interpreter on a freshly built library: its error path must raise a Python ValueError.
+_ERROR_PATH_PROBE = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+try:
+    torch.ops.guide_mega.group_advantages(torch.tensor([float("nan")]), torch.tensor([0]), -1, 0, True, 1e-6, False)
+except ValueError:
+    sys.exit(0)
+sys.exit("the op did not reject a NaN reward")
+"""
 
 
 def _warn(message: str) -> None:
@@ -41,6 +54,25 @@ def _optional_build_ext(cpp_extension):
                 error = self._try_run()
             if error is not None:
                 _warn(f"building {_EXTENSION_NAME} failed ({error}); group advantages will use the eager reference")
+                return
+            self._probe_error_path()
+
+        def _probe_error_path(self) -> None:
+            # Measured on a GPU image whose default CXX links libstdc++ statically: the library builds and loads,
+            # but the first error it raises (a C++ exception thrown through torch's dispatcher) kills the process.
+            # A library that cannot raise safely is removed, so that the package falls back to the reference.
+            for extension in self.extensions:
+                path = self.get_ext_fullpath(extension.name)
+                probe = subprocess.run([sys.executable, "-c", _ERROR_PATH_PROBE, path], capture_output=True, text=True)
+                if probe.returncode != 0:
+                    compiler = os.environ.get("CXX", "the default C++ compiler")
+                    _warn(
+                        f"{_EXTENSION_NAME} built with {compiler} crashes when it raises an error (exit "
+                        f"{probe.returncode}: {probe.stderr.strip()[-200:]}); removed it, group advantages will use "
+                        "the eager reference. Rebuild with a compiler that links libstdc++ dynamically, e.g. "
+                        "CXX=/usr/bin/g++"
+                    )
+                    os.remove(path)
 
         def _drop_cuda(self) -> None:
             # Reconfigure the extension objects in place: finalize_options attached build state to them.

@@ -74,8 +74,12 @@ link_kernels() {
   "$PY" -c "import guide_mega.kernels, megatron.core, math_verify, liger_kernel; print('imports resolve')"
 }
 
+# The GPU image's default CXX (/opt/gcc/bin/g++) links libstdc++ statically, and the op's first error then kills
+# the process (seen 2026-11-27; setup.py now probes for this and drops such a build). /usr/bin/g++ works.
 build_extension() {
-  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" setup.py -q build_ext --inplace
+  local cxx=${CXX:-}
+  [ -x /usr/bin/g++ ] && cxx=/usr/bin/g++
+  CXX=$cxx MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" setup.py -q build_ext --inplace
   "$PY" -c "import torch, guide_mega._C; print('guide_mega._C ops:', torch.ops.guide_mega)"
 }
 

@@ -115,4 +115,10 @@ def build_gpt_model(
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
+    # The local spec's torch norms ignore params_dtype and stay fp32: in a bf16 model their inputs are bf16, so
+    # torch cannot use its fused RMSNorm (measured on an H200, where it warned at every layer). HF keeps them in
+    # the model dtype too.
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != config.params_dtype:
+            param.data = param.data.to(config.params_dtype)
     return model.to(layout.device)

@@ -29,11 +29,12 @@ def make_policy(
     loss_aggregation: str = "seq_mean_token_mean",
     mini_batches: int = 1,
     share_prompts: bool = True,
+    dtype: str = "float32",
 ) -> MegatronPolicy:
-    """An fp32 Guide-GRPO policy (shaping for guided tokens) on the tiny checkpoint."""
+    """A Guide-GRPO policy (shaping for guided tokens, fp32 unless told) on the tiny checkpoint."""
     algorithm = AlgorithmConfig(loss_aggregation=loss_aggregation, guide=GuideConfig(enabled=True))
     return MegatronPolicy(
-        model=ModelConfig(path=str(checkpoint_dir), dtype="float32"),
+        model=ModelConfig(path=str(checkpoint_dir), dtype=dtype),
         parallel=ParallelConfig(tensor=tensor, pipeline=pipeline),
         algorithm=algorithm,
         optimizer=OptimizerConfig(lr=lr, grad_clip=0.0),
@@ -72,7 +73,7 @@ def make_critic(checkpoint_dir: str | Path, *, tensor: int = 1, pipeline: int = 
     from guide_mega.training.critic import MegatronCritic
 
     return MegatronCritic(
-        model=ModelConfig(path=str(checkpoint_dir), dtype="float32"),
+        model=ModelConfig(path=str(checkpoint_dir), dtype=dtype),
         parallel=ParallelConfig(tensor=tensor, pipeline=pipeline),
         algorithm=AlgorithmConfig(estimator="gae", loss_aggregation="token_mean", value_clip=None),
         optimizer=OptimizerConfig(critic_lr=1e-2, grad_clip=0.0),

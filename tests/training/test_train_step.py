@@ -151,3 +151,13 @@ def test_kl_to_the_frozen_reference_starts_at_zero_and_grows(tiny_checkpoints, s
     assert first["actor/kl"] == pytest.approx(0.0, abs=1e-7)
     assert second["actor/kl"] > 1e-6
     assert not any(param.requires_grad for param in policy.reference.module.parameters())
+
+
+def test_a_bf16_policy_holds_every_parameter_in_bf16(tiny_checkpoints, single_process_megatron):
+    """The local spec's norms default to fp32 whatever params_dtype says; a bf16 model must not mix dtypes."""
+    from policy_probes import make_policy
+
+    policy = make_policy(tiny_checkpoints["qwen3"], dtype="bfloat16")
+    dtypes = {name: param.dtype for name, param in policy.module.named_parameters()}
+    assert any("layernorm" in name or "norm" in name for name in dtypes), sorted(dtypes)
+    assert {dtype for dtype in dtypes.values()} == {torch.bfloat16}, dtypes
