@@ -47,13 +47,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from report import machine_lines, markdown_table, write_report
 
 from guide_mega.config import Config, load_config
 from guide_mega.data import PromptLoader, load_prompt_source, render_prompt, render_prompt_ids, resolve_model_path
 from guide_mega.rewards.verifiers import REASONING_GYM_ENTRY_KEY
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WORKER = Path(__file__).resolve().parent / "trl_grpo_worker.py"
 DEFAULT_TRL_PYTHON = Path.home() / ".cache" / "guide_mega" / "trl-venv" / "bin" / "python"
 
@@ -208,38 +208,13 @@ def phase_means(result: dict) -> str:
     return ", ".join(f"{phase} {statistics.mean(step[phase] for step in steps):.1f}" for phase in phases)
 
 
-def render_table(sides: dict[str, dict[str, float]], context: str, speedup: float, phases: str) -> str:
-    lines = [
-        f"# End-to-end GRPO step on CPU: guide_mega vs TRL ({datetime.date.today().isoformat()})",
-        "",
-        context,
-        "",
-        "| side | step s | generated tokens / step | tokens/s | generation tokens/s | mean reward |",
-        "|---|---:|---:|---:|---:|---:|",
-        *[
-            f"| {name} | {s['step_s']:.2f} | {s['tokens_per_step']:.0f} | {s['tok_s']:.1f} | "
-            f"{s['generation_tok_s']:.1f} | {s['mean_reward']:.3f} |"
-            for name, s in sides.items()
-        ],
-        "",
-        f"guide_mega seconds per phase (mean after the warm-up): {phases}.",
-        "",
-        f"speedup_vs_trl (TRL step s / guide_mega step s): {speedup:.2f}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def describe(config: Config, args: argparse.Namespace, trl_result: dict) -> str:
-    """The machine, versions and configuration line that heads the table."""
-    versions = trl_result["versions"]
+def describe(config: Config, args: argparse.Namespace) -> str:
+    """The configuration line under the table."""
     return (
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads. "
-        f"guide_mega: torch {torch.__version__}, transformers {transformers.__version__}; TRL {versions['trl']} "
-        f"(torch {versions['torch']}, transformers {versions['transformers']}, own venv). "
         f"Model {config.model.path}, fp32; {config.data.source}; {args.steps} steps (first one a warm-up) of "
         f"{args.prompts} prompts x G={args.group_size}, {args.max_new_tokens} new tokens max, "
         f"T={config.rollout.temperature}, lr {config.optimizer.lr}; old logprobs: {args.old_logprobs}; "
-        f"TRL micro-batch {args.trl_micro_batch} sequences."
+        f"TRL micro-batch {args.trl_micro_batch} sequences; {args.threads} torch threads on both sides."
     )
 
 
@@ -260,18 +235,31 @@ def main() -> None:
 
 
 def report(config: Config, args: argparse.Namespace, ours: dict, trl_result: dict) -> None:
-    """Print and save the table, then the JSON line."""
-    sides = {"guide_mega": summarize(ours), f"TRL {trl_result['versions']['trl']}": summarize(trl_result)}
+    """Write and print the table, then the JSON line."""
+    versions = trl_result["versions"]
+    sides = {"guide_mega": summarize(ours), f"TRL {versions['trl']}": summarize(trl_result)}
     (mine, theirs) = sides.values()
     speedup = theirs["step_s"] / mine["step_s"]
-    context = describe(config, args, trl_result)
-    table = render_table(sides, context, speedup, phase_means(ours))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"e2e_vs_trl_cpu_{datetime.date.today():%Y%m%d}.md").write_text(table)
-    print(table)
+    table = markdown_table(
+        ("side", "step s", "generated tokens / step", "tokens/s", "generation tokens/s", "mean reward"),
+        [
+            (name, f"{s['step_s']:.2f}", f"{s['tokens_per_step']:.0f}", f"{s['tok_s']:.1f}",
+             f"{s['generation_tok_s']:.1f}", f"{s['mean_reward']:.3f}")
+            for name, s in sides.items()
+        ],
+        align="lrrrrr",
+    )  # fmt: skip
+    notes = [
+        describe(config, args),
+        "",
+        f"guide_mega seconds per phase (mean after the warm-up): {phase_means(ours)}.",
+        "",
+        f"speedup_vs_trl (TRL step s / guide_mega step s): {speedup:.2f}",
+    ]
+    trl_versions = (
+        f"TRL {versions['trl']} (torch {versions['torch']}, transformers {versions['transformers']}, own venv)"
+    )
     summary = {
-        "bench": "e2e_vs_trl",
-        "device": "cpu",
         "date": datetime.date.today().isoformat(),
         "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": args.threads, "trl_threads": trl_result["threads"]},
@@ -279,14 +267,22 @@ def report(config: Config, args: argparse.Namespace, ours: dict, trl_result: dic
                    "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
                    "temperature": config.rollout.temperature, "lr": config.optimizer.lr,
                    "old_logprobs": args.old_logprobs, "trl_micro_batch": args.trl_micro_batch},
-        "trl_version": trl_result["versions"]["trl"],
+        "trl_version": versions["trl"],
         "step_s": round(mine["step_s"], 3),
         "trl_step_s": round(theirs["step_s"], 3),
         "tok_s": round(mine["tok_s"], 1),
         "trl_tok_s": round(theirs["tok_s"], 1),
         "speedup_vs_trl": round(speedup, 3),
     }  # fmt: skip
-    print(json.dumps(summary))
+    write_report(
+        "e2e_vs_trl",
+        "cpu",
+        title="End-to-end GRPO step on CPU: guide_mega vs TRL",
+        machine=machine_lines("cpu", extra_versions=(f"transformers {transformers.__version__}", trl_versions)),
+        table=table,
+        notes=notes,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

@@ -17,18 +17,14 @@ Prints a table, writes it to benchmarks/results/group_advantages_<device>_<yyyym
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from report import machine_lines, markdown_table, write_report
 
 from guide_mega.algorithms.advantages import group_advantages, group_advantages_impl, group_ids_from_sizes
 
@@ -41,7 +37,6 @@ LOOP_MAX_SAMPLES = 65536
 # Keep timing a provider until this much time is spent (or MAX_REPS), and report the median.
 MIN_TIME_S = 0.3
 MAX_REPS = 50
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _grpo_scale(centred_N, count_G, sum_sq_G, group_ids_N, dtype):
@@ -182,49 +177,36 @@ def run_case(num_samples: int, group_size: int, layout: str, device: str) -> dic
     return row
 
 
-def format_table(rows: list[dict]) -> str:
-    """The results as a markdown table."""
-    lines = [
-        "| N | group size | layout | ours (ms) | index_add (ms) | bincount (ms) | loop (torch) (ms) "
-        "| loop (float) (ms) | vs loop | vs best torch |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+def format_table(rows: list[dict]) -> list[str]:
+    """The results as markdown table lines; (*) marks Python-loop times scaled from a subset."""
+    header = (
+        "N", "group size", "layout", "ours (ms)", "index_add (ms)", "bincount (ms)", "loop (torch) (ms)",
+        "loop (float) (ms)", "vs loop", "vs best torch",
+    )  # fmt: skip
+    cells = []
     for row in rows:
         mark = "*" if row["loop_scaled"] else ""
-        lines.append(
-            f"| {row['n']} | {row['group_size']} | {row['layout']} | {row['ours_ms']:.3f} | {row['index_add_ms']:.3f} "
-            f"| {row['bincount_ms']:.3f} | {row['loop_torch_ms']:.1f}{mark} | {row['loop_float_ms']:.1f}{mark} "
-            f"| {row['speedup_vs_loop']:.0f}x | {row['speedup_vs_torch']:.2f}x |"
+        cells.append(
+            (
+                row["n"],
+                row["group_size"],
+                row["layout"],
+                f"{row['ours_ms']:.3f}",
+                f"{row['index_add_ms']:.3f}",
+                f"{row['bincount_ms']:.3f}",
+                f"{row['loop_torch_ms']:.1f}{mark}",
+                f"{row['loop_float_ms']:.1f}{mark}",
+                f"{row['speedup_vs_loop']:.0f}x",
+                f"{row['speedup_vs_torch']:.2f}x",
+            )
         )
-    return "\n".join(lines)
+    return markdown_table(header, cells, align="rrlrrrrrrr")
 
 
-def cpu_model() -> str:
-    """The processor's name from /proc/cpuinfo (Linux), else platform.processor()."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def describe_machine(device: str, threads: int) -> list[str]:
-    """Lines naming the processor (and GPU), core count, date and versions."""
-    lines = [
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- cpu: {cpu_model()}, {os.cpu_count()} cores; torch threads: {threads}",
-        f"- torch {torch.__version__}, python {platform.python_version()}",
-    ]
-    if device == "cuda":
-        lines.append(f"- gpu: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
-    return lines
-
-
-def headline(rows: list[dict], device: str, threads: int) -> dict:
-    """The JSON summary: per N, the worst speedup over group sizes and layouts (against the faster Python loop and
-    the faster torch baseline), and our slowest time at N = 65536."""
-    summary = {"bench": "group_advantages", "device": device, "threads": threads}
+def headline(rows: list[dict], threads: int) -> dict:
+    """The JSON summary (write_report adds bench and device): per N, the worst speedup over group sizes and layouts
+    (against the faster Python loop and the faster torch baseline), and our slowest time at N = 65536."""
+    summary = {"threads": threads}
     for num_samples in SAMPLE_COUNTS:
         at_n = [row for row in rows if row["n"] == num_samples]
         summary[f"speedup_vs_loop_n{num_samples}"] = round(min(row["speedup_vs_loop"] for row in at_n), 1)
@@ -254,29 +236,15 @@ def main() -> None:
         f"- (*) Python loops timed on {LOOP_MAX_SAMPLES} samples (whole groups), scaled by N / {LOOP_MAX_SAMPLES}.",
         "- The Python loops run on CPU tensors whatever the device.",
     ]
-    summary = headline(rows, args.device, args.threads)
-    report = "\n".join(
-        [
-            f"# group advantages benchmark ({args.device})",
-            "",
-            *describe_machine(args.device, args.threads),
-            "",
-            format_table(rows),
-            "",
-            *notes,
-            "",
-            "```json",
-            json.dumps(summary),
-            "```",
-            "",
-        ]
+    write_report(
+        "group_advantages",
+        args.device,
+        title=f"group advantages benchmark ({args.device})",
+        machine=machine_lines(args.device),
+        table=format_table(rows),
+        notes=notes,
+        summary=headline(rows, args.threads),
     )
-    path = RESULTS_DIR / f"group_advantages_{args.device}_{datetime.date.today():%Y%m%d}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report)
-    print(report.split("```json")[0].rstrip())
-    print(f"written to {path}")
-    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -17,23 +17,18 @@ Prints a table, writes it to benchmarks/results/policy_loss_<device>_<yyyymmdd>.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from report import machine_lines, markdown_table, write_report
 
 from guide_mega.algorithms.losses import PolicyLossOptions
 from guide_mega.algorithms.losses import policy_loss as losses_policy_loss
 from guide_mega.kernels import policy_loss
 from guide_mega.kernels.policy_loss import policy_loss_reference
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TOKEN_COUNTS = (16384, 262144)
 OPTIONS = PolicyLossOptions(clip_low=0.2, clip_high=0.28, dual_clip=3.0, off_policy="shaping")
 GAMMA = 0.8
@@ -115,22 +110,6 @@ def run(device: str) -> tuple[list[dict], dict]:
     return rows, headline
 
 
-def machine_description(device: str) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    versions = f"torch {torch.__version__}, python {platform.python_version()}"
-    try:
-        import triton
-
-        versions += f", triton {triton.__version__}"
-    except ImportError:
-        versions += ", triton not installed"
-    lines = [f"- date: {datetime.date.today().isoformat()}", f"- cpu: {cpu}, {os.cpu_count()} cores", f"- {versions}"]
-    lines[1] += f"; torch threads: {torch.get_num_threads()}"
-    if device == "cuda":
-        lines.append(f"- gpu: {torch.cuda.get_device_name()}, cuda {torch.version.cuda}")
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -138,39 +117,36 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, headline = run(args.device)
-    summary = json.dumps({"bench": "policy_loss", "device": args.device, "threads": args.threads, **headline})
-    table = [
-        "| T | provider | fwd+bwd (us) | vs ours | max abs diff loss | max abs diff grad |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
     ours_us = {row["T"]: row["us"] for row in rows if row["provider"] == "ours"}
-    for row in rows:
-        table.append(
-            f"| {row['T']} | {row['provider']} | {row['us']:.1f} | {row['us'] / ours_us[row['T']]:.2f}x | "
-            f"{row['loss_diff']:.1e} | {row['grad_diff']:.1e} |"
-        )
+    table = markdown_table(
+        ("T", "provider", "fwd+bwd (us)", "vs ours", "max abs diff loss", "max abs diff grad"),
+        [
+            (
+                row["T"],
+                row["provider"],
+                f"{row['us']:.1f}",
+                f"{row['us'] / ours_us[row['T']]:.2f}x",
+                f"{row['loss_diff']:.1e}",
+                f"{row['grad_diff']:.1e}",
+            )
+            for row in rows
+        ],
+        align="rlrrrr",
+    )
     notes = [
         "Median wall time of forward + backward (per-token upstream gradient), including autograd overhead.",
         "Diffs are against guide_mega.algorithms.losses.policy_loss (values and autograd gradients).",
         "'ours' on CPU is the closed-form torch pass; on CUDA it is the Triton kernel.",
     ]
-    body = [
-        f"# policy_loss benchmark ({args.device})",
-        "",
-        *machine_description(args.device),
-        "",
-        *table,
-        "",
-        *notes,
-        "",
-        "```json",
-        summary,
-        "```",
-    ]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"policy_loss_{args.device}_{datetime.date.today():%Y%m%d}.md").write_text("\n".join(body) + "\n")
-    print("\n".join(body[:-4]))
-    print(summary)
+    write_report(
+        "policy_loss",
+        args.device,
+        title=f"policy_loss benchmark ({args.device})",
+        machine=machine_lines(args.device),
+        table=table,
+        notes=notes,
+        summary={"threads": args.threads, **headline},
+    )
 
 
 if __name__ == "__main__":

@@ -12,10 +12,6 @@ Prints a table, writes it to benchmarks/results/rollout_cpu_<date>.md, and print
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import signal
 import sys
 import tempfile
@@ -24,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from report import machine_lines, markdown_table, write_report
 from transformers import AutoTokenizer
 
 from guide_mega.data.chat import render_prompt_ids
@@ -34,7 +31,6 @@ from guide_mega.rollout.hf_engine import HFEngine
 from guide_mega.rollout.sglang_engine import SGLangServerEngine
 from guide_mega.rollout.sglang_server import SGLANG_VERSION, LocalSGLangServer, build_cpu_venv
 
-RESULTS_DIR = Path(__file__).parent / "results"
 _LEG_COUNTING = {"min_animals": 2, "max_animals": 2, "min_instances": 1, "max_instances": 3}
 
 
@@ -77,28 +73,6 @@ def _bench_sglang(model_dir: Path, requests, sampling, args) -> tuple[float, lis
         return _timed(engine, requests, sampling)
 
 
-def _versions() -> str:
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, sglang {SGLANG_VERSION} (own venv)"
-
-
-def _write_table(rows: list[tuple[str, float, int]], args: argparse.Namespace, ratio: float | None) -> str:
-    lines = [
-        f"# Rollout throughput on CPU ({datetime.date.today().isoformat()})",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; "
-        f"{_versions()}.",
-        f"Model {args.model}; {args.prompts} leg_counting prompts x {args.group_size} samples, "
-        f"{args.max_new_tokens} new tokens each (ignore_eos), T={args.temperature}, fp32.",
-        "",
-        "| engine | wall s | generated tokens | tokens/s |",
-        "|---|---|---|---|",
-        *[f"| {name} | {seconds:.1f} | {tokens} | {tokens / seconds:.1f} |" for name, seconds, tokens in rows],
-        "",
-        f"SGLang / HFEngine tokens/s: {ratio:.2f}" if ratio is not None else "SGLang not run.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     args = _parse_args()
     # A timeout's SIGTERM becomes an exception, so the SGLang server's context manager still stops it.
@@ -115,13 +89,17 @@ def main() -> None:
     rows.insert(0, ("HFEngine", hf_seconds, sum(len(c.response_ids) for c in hf_completions)))
     speeds = {name: tokens / seconds for name, seconds, tokens in rows}
     ratio = speeds["SGLang server"] / speeds["HFEngine"] if sglang is not None else None
-    table = _write_table(rows, args, ratio)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"rollout_cpu_{datetime.date.today():%Y%m%d}.md").write_text(table)
-    print(table)
+    table = markdown_table(
+        ("engine", "wall s", "generated tokens", "tokens/s"),
+        [(name, f"{seconds:.1f}", tokens, f"{tokens / seconds:.1f}") for name, seconds, tokens in rows],
+    )
+    notes = [
+        f"Model {args.model}; {args.prompts} leg_counting prompts x {args.group_size} samples, "
+        f"{args.max_new_tokens} new tokens each (ignore_eos), T={args.temperature}, fp32.",
+        "",
+        f"SGLang / HFEngine tokens/s: {ratio:.2f}" if ratio is not None else "SGLang not run.",
+    ]
     summary = {
-        "bench": "rollout",
-        "device": "cpu",
         "model": args.model,
         "sequences": len(requests),
         "new_tokens": args.max_new_tokens,
@@ -129,7 +107,16 @@ def main() -> None:
         "sglang_tok_s": round(speeds["SGLang server"], 1) if sglang is not None else None,
         "sglang_over_hf": round(ratio, 2) if ratio is not None else None,
     }
-    print(json.dumps(summary))
+    versions = (f"transformers {transformers.__version__}", f"sglang {SGLANG_VERSION} (own venv)")
+    write_report(
+        "rollout",
+        "cpu",
+        title="Rollout throughput on CPU",
+        machine=machine_lines("cpu", extra_versions=versions),
+        table=table,
+        notes=notes,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":

@@ -21,22 +21,18 @@ Prints a table, writes it to benchmarks/results/token_logprobs_<device>_<yyyymmd
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from report import machine_lines, markdown_table, write_report
 
 from guide_mega.kernels import token_logprobs
 from guide_mega.kernels.token_logprobs.reference import token_logprobs_naive
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEMPERATURE = 0.9
 TOKEN_CHUNK = 512
 # (label, T, H, V, with backward): the headline shapes of the issue, plus a smaller forward+backward one.
@@ -238,44 +234,23 @@ def _fmt(value, digits=2) -> str:
 
 def format_table(rows: list[dict], device: str) -> list[str]:
     if device == "cpu":
-        lines = [
-            "| case | T | V | mode | provider | time (s) | peak extra (MiB) | vs naive | max abs diff vs naive |",
-            "|---|---:|---:|---|---|---:|---:|---:|---:|",
-        ]
-        for r in rows:
-            lines.append(
-                f"| {r['case']} | {r['T']} | {r['V']} | {r['mode']} | {r['provider']} | {r['seconds']:.2f} | "
-                f"{r['peak_extra_mib']:.0f} | {r['mem_ratio']:.3f} | {r['max_diff']:.1e} |"
-            )
-        return lines
-    lines = [
-        "| case | mode | provider | ms | TFLOP/s | % of cuBLAS | peak extra (MiB) | max abs diff vs eager |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r["error"]:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['provider']} | {r['error']} | | | | |")
-            continue
-        lines.append(
-            f"| {r['case']} | {r['mode']} | {r['provider']} | {r['ms']:.2f} | {r['tflops']:.0f} | "
-            f"{r['pct_of_matmul']:.0f} | {r['peak_extra_mib']:.0f} | {_fmt(r.get('max_diff'), 4)} |"
-        )
-    return lines
-
-
-def machine_description(device: str) -> list[str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    versions = f"torch {torch.__version__}, python {platform.python_version()}"
-    try:
-        import triton
-
-        versions += f", triton {triton.__version__}"
-    except ImportError:
-        versions += ", triton not installed"
-    lines = [f"- date: {datetime.date.today().isoformat()}", f"- cpu: {cpu}, {os.cpu_count()} cores", f"- {versions}"]
-    if device == "cuda":
-        lines.append(f"- gpu: {torch.cuda.get_device_name()}, cuda {torch.version.cuda}")
-    return lines
+        header = ("case", "T", "V", "mode", "provider", "time (s)", "peak extra (MiB)", "vs naive",
+                  "max abs diff vs naive")  # fmt: skip
+        cells = [
+            (r["case"], r["T"], r["V"], r["mode"], r["provider"], f"{r['seconds']:.2f}",
+             f"{r['peak_extra_mib']:.0f}", f"{r['mem_ratio']:.3f}", f"{r['max_diff']:.1e}")
+            for r in rows
+        ]  # fmt: skip
+        return markdown_table(header, cells, align="lrrllrrrr")
+    header = ("case", "mode", "provider", "ms", "TFLOP/s", "% of cuBLAS", "peak extra (MiB)", "max abs diff vs eager")
+    # A provider that failed (missing peer, out of memory) shows its error in the time column.
+    cells = [
+        (r["case"], r["mode"], r["provider"], r["error"]) if r["error"] else
+        (r["case"], r["mode"], r["provider"], f"{r['ms']:.2f}", f"{r['tflops']:.0f}", f"{r['pct_of_matmul']:.0f}",
+         f"{r['peak_extra_mib']:.0f}", _fmt(r.get("max_diff"), 4))
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, cells, align="lllrrrrr")
 
 
 NOTES = {
@@ -307,26 +282,15 @@ def main() -> None:
         return
     rows: list[dict] = []
     headline = run_cpu(rows) if args.device == "cpu" else run_gpu(rows)
-    summary = json.dumps({"bench": "token_logprobs", "device": args.device, **headline})
-    title = f"# token_logprobs benchmark ({args.device})"
-    body = [
-        title,
-        "",
-        *machine_description(args.device),
-        "",
-        *format_table(rows, args.device),
-        "",
-        *NOTES[args.device],
-        "",
-        "```json",
-        summary,
-        "```",
-    ]
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out_file = RESULTS_DIR / f"token_logprobs_{args.device}_{datetime.date.today():%Y%m%d}.md"
-    out_file.write_text("\n".join(body) + "\n")
-    print("\n".join(body[:-4]))
-    print(summary)
+    write_report(
+        "token_logprobs",
+        args.device,
+        title=f"token_logprobs benchmark ({args.device})",
+        machine=machine_lines(args.device),
+        table=format_table(rows, args.device),
+        notes=NOTES[args.device],
+        summary=headline,
+    )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,6 @@ Prints a table, writes it to benchmarks/results/train_step_<device>_<yyyymmdd>.m
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import resource
 import statistics
 import tempfile
@@ -31,12 +28,12 @@ from pathlib import Path
 import megatron.core
 import torch
 import transformers
+from report import machine_lines, markdown_table, write_report
 
 from guide_mega.config import AlgorithmConfig, GuideConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.micro_batches import sequence_lengths
 from guide_mega.types import TrainBatch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 H100_BF16_DENSE_FLOPS = 989e12
 VOCAB = 4099  # not a multiple of 128: the padded-vocabulary path is part of the measurement
 CLIP = 0.2
@@ -193,37 +190,35 @@ def main() -> None:
 
 
 def report(rows, args, *, tokens: int, params: int, flops_per_token: float) -> None:
-    """Print and save the table, then the JSON line."""
+    """Write and print the table (MFU on GPU), then the JSON line."""
     on_gpu = args.device == "cuda"
-    header = "| provider | step ms | tokens/s | peak MiB |" + (" MFU |" if on_gpu else "")
-    lines = [header, "|---|---:|---:|---:|" + ("---:|" if on_gpu else "")]
+    header = ("provider", "step ms", "tokens/s", "peak MiB") + (("MFU",) if on_gpu else ())
+    cells = []
     for name, seconds, tokens_per_s, memory in rows:
-        mfu = f" {100 * flops_per_token * tokens_per_s / H100_BF16_DENSE_FLOPS:.1f}% |" if on_gpu else ""
-        lines.append(f"| {name} | {seconds * 1e3:.1f} | {tokens_per_s:,.0f} | {memory:,.0f} |{mfu}")
-    device_name = torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine()
-    context = (
-        f"{datetime.date.today()} on {device_name} ({torch.get_num_threads()} threads); torch {torch.__version__}, "
-        f"megatron-core {megatron.core.__version__}, transformers {transformers.__version__}; "
-        f"model {params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}); "
-        f"batch {args.seqs} seqs, {tokens} tokens"
-    )
-    table = "\n".join(lines)
-    print(context)
-    print(table)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"train_step_{args.device}_{datetime.date.today():%Y%m%d}.md"
-    out.write_text(f"# Train step benchmark\n\n{context}\n\n{table}\n")
+        mfu = [f"{100 * flops_per_token * tokens_per_s / H100_BF16_DENSE_FLOPS:.1f}%"] if on_gpu else []
+        cells.append([name, f"{seconds * 1e3:.1f}", f"{tokens_per_s:,.0f}", f"{memory:,.0f}", *mfu])
     ours, peer = rows[0], rows[-1]
     summary = {
-        "bench": "train_step",
-        "device": args.device,
         "tokens_per_s": round(ours[2], 1),
         "peak_mem_mib": round(ours[3], 1),
         "speedup_vs_hf_eager": round(ours[2] / peer[2], 3),
     }
     if on_gpu:
         summary["mfu"] = round(flops_per_token * ours[2] / H100_BF16_DENSE_FLOPS, 4)
-    print(json.dumps(summary))
+    versions = (f"megatron-core {megatron.core.__version__}", f"transformers {transformers.__version__}")
+    notes = [
+        f"- model {params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}); "
+        f"batch {args.seqs} seqs, {tokens} tokens"
+    ]
+    write_report(
+        "train_step",
+        args.device,
+        title=f"Train step benchmark ({args.device})",
+        machine=machine_lines(args.device, extra_versions=versions),
+        table=markdown_table(header, cells, align="lrrrr"),
+        notes=notes,
+        summary=summary,
+    )
 
 
 if __name__ == "__main__":
