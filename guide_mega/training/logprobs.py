@@ -4,8 +4,8 @@ Shape legend: S sequence positions, B rows, H hidden size, N response tokens of 
 vocabulary rows held by this tensor-parallel rank.
 
 The fused LM-head kernel (`guide_mega.kernels.token_logprobs`) reduces this rank's vocabulary shard to per-token
-partials and combines them with two O(N) all-reduces over the tensor-parallel group, so [N, V] logits never
-exist. Zero rows that pad the vocabulary are sliced off the weight first (every column enters the softmax).
+partials, which `vocab_parallel.py` combines with two O(N) all-reduces over the tensor-parallel group, so [N, V]
+logits never exist. Zero rows that pad the vocabulary are sliced off the weight first (every column enters the softmax).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region
 
-from guide_mega.kernels import TokenLogprobs, token_logprobs
+from guide_mega.kernels import TokenLogprobs
 from guide_mega.training.micro_batches import MicroBatch
+from guide_mega.training.vocab_parallel import vocab_parallel_token_logprobs
 
 
 def lm_head_token_logprobs(
@@ -45,14 +46,14 @@ def lm_head_token_logprobs(
         if not hidden_grad_summed:
             hidden_NH = copy_to_tensor_model_parallel_region(hidden_NH)
         group = parallel_state.get_tensor_model_parallel_group()
-    return token_logprobs(
+    return vocab_parallel_token_logprobs(
         hidden_NH,
         weight_VH[:real_rows],
         target_ids_N,
-        temperature=temperature,
-        with_entropy=with_entropy,
         vocab_start=vocab_start,
         process_group=group,
+        temperature=temperature,
+        with_entropy=with_entropy,
     )
 
 

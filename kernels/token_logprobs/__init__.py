@@ -7,13 +7,14 @@ from .dispatch import (
     token_logprobs,
     token_logprobs_from_logits,
 )
-from .partials import IGNORE_INDEX, LogprobPartials, TokenLogprobs, combine_partials
+from .partials import IGNORE_INDEX, LogprobPartials, ShardReduce, TokenLogprobs, combine_partials
 from .reference import token_logprobs_reference
 
 __all__ = [
     "IGNORE_INDEX",
     "IMPLS",
     "LogprobPartials",
+    "ShardReduce",
     "TokenLogprobs",
     "combine_partials",
     "logprob_partials",

@@ -7,6 +7,8 @@ impl="auto" runs the Triton kernels on CUDA tensors (fp32, bf16, fp16) and the c
 before triton is imported). Every implementation returns fp32 results with the same conventions:
 target ids < 0 are ignored rows (logprob 0, entropy 0, no gradient); logprobs are <= 0 and entropies >= 0;
 padded vocabulary rows must be sliced off the weight (or logits) by the caller, since every column counts.
+Under tensor parallelism the caller supplies the cross-rank reduction (`reduce_shards`, see `partials.py`):
+`guide_mega.training.vocab_parallel` owns the process group and its all-reduce.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ import os
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from .chunked import logprob_partials_chunked, logprob_partials_from_logits_chunked
-from .partials import LogprobPartials, TokenLogprobs, combine_partials
+from .partials import LogprobPartials, ShardReduce, TokenLogprobs, combine_partials
 from .reference import logprob_partials_from_logits_reference, logprob_partials_reference
 
 Impl = Literal["auto", "triton", "chunked", "reference"]
@@ -112,16 +113,18 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     vocab_start: int = 0,
-    process_group: dist.ProcessGroup | None = None,
+    reduce_shards: ShardReduce | None = None,
     impl: Impl = "auto",
 ) -> TokenLogprobs:
     """fp32 logprobs [T] of target_ids_T under softmax(hidden_TH @ weight_VH^T / temperature), and entropies [T].
 
     Differentiable in hidden_TH and weight_VH for any per-token upstream gradients; the [T, V] logits are never
-    materialised (except by impl="reference"). Under tensor parallelism pass this rank's vocabulary shard,
-    its vocab_start and the TP process group: two all-reduces of O(T) merge the shards, and every rank gets the
-    full result. grad_hidden is then this shard's contribution: sum it over the group, as the backward of
-    Megatron's copy_to_tensor_model_parallel_region does for the LM-head input.
+    materialised (except by impl="reference"). With the whole vocabulary in weight_VH, leave vocab_start and
+    reduce_shards at their defaults. Under tensor parallelism pass this rank's vocabulary shard, its vocab_start
+    and `reduce_shards`, the cross-rank reduction (two all-reduces of O(T); see
+    `guide_mega.training.vocab_parallel`): every rank gets the full result. grad_hidden is then this shard's
+    contribution: sum it over the group, as the backward of Megatron's copy_to_tensor_model_parallel_region does
+    for the LM-head input.
     """
     partials = logprob_partials(
         hidden_TH,
@@ -132,7 +135,7 @@ def token_logprobs(
         with_entropy=with_entropy,
         impl=impl,
     )
-    return combine_partials(partials, target_ids_T, process_group=process_group)
+    return combine_partials(partials, target_ids_T, reduce_shards=reduce_shards)
 
 
 def token_logprobs_from_logits(
@@ -142,7 +145,7 @@ def token_logprobs_from_logits(
     temperature: float = 1.0,
     with_entropy: bool = False,
     vocab_start: int = 0,
-    process_group: dist.ProcessGroup | None = None,
+    reduce_shards: ShardReduce | None = None,
     impl: Impl = "auto",
 ) -> TokenLogprobs:
     """`token_logprobs` for callers that already hold the (vocabulary-parallel) logits [T, V_local]."""
@@ -154,4 +157,4 @@ def token_logprobs_from_logits(
         with_entropy=with_entropy,
         impl=impl,
     )
-    return combine_partials(partials, target_ids_T, process_group=process_group)
+    return combine_partials(partials, target_ids_T, reduce_shards=reduce_shards)

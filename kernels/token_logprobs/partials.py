@@ -10,19 +10,24 @@ z = logits / temperature to four per-token fp32 partials:
     target_logit_T x   = z_target if this shard owns the target id, else 0
     sum_exp_logit_T e  = sum_v exp(z_v - m) (z_v - m)            (only when the entropy is requested)
 
-`combine_partials` merges the shards with two all-reduces (MAX of m, then one SUM of the stacked rescaled
-[s, e, x]) and returns logprob = x - lse and entropy = lse - sum_v p_v z_v. Its backward is local: under tensor
-parallelism every rank holds the same outputs and the same upstream gradient, as with Megatron's vocab-parallel
-cross entropy, so no collective is needed to send gradients back to the shard-local partials.
+`combine_partials` merges the shards with two reductions over them (MAX of m, then one SUM of the stacked
+rescaled [s, e, x]) and returns logprob = x - lse and entropy = lse - sum_v p_v z_v. It is pure: the shards are
+either all on this device (one [T] set, or an [R, T] stack), or the caller passes `reduce_shards`, which performs
+the reduction across devices. Under tensor parallelism that callable is the all-reduce over the TP group, and it
+lives with the process groups in `guide_mega.training.vocab_parallel`; this package never imports
+torch.distributed. The backward is local: under tensor parallelism every rank holds the same outputs and the same
+upstream gradient, as with Megatron's vocab-parallel cross entropy, so no collective sends gradients back to the
+shard-local partials.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
-import torch.distributed as dist
 
 # Target ids below zero (the conventional ignore index is -100) mark rows whose logprob is defined as 0, whose
 # entropy is defined as 0 and that send no gradient back: padding, prompt tokens, or fully masked rows.
@@ -86,29 +91,33 @@ def merge_stacked_partials(
     return max_T, sum_exp_T, target_ST.sum(dim=0), sum_exp_logit_T
 
 
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group, *, stacked: bool) -> torch.Tensor:
-    """All-reduce over the process group; without one, reduce the leading shard dim of an [R, ...] stack."""
-    if group is not None:
-        reduced = tensor.clone()
-        dist.all_reduce(reduced, op=op, group=group)
-        return reduced
+ReduceOp = Literal["max", "sum"]
+ShardReduce = Callable[[torch.Tensor, ReduceOp], torch.Tensor]
+"""reduce_shards(tensor, op): the elementwise MAX or SUM of this shard's `tensor` over every vocabulary shard
+(same shape in and out, a new tensor; no gradient flows through it). An all-reduce over the tensor-parallel group
+is one; `guide_mega.training.vocab_parallel` builds it."""
+
+
+def _reduce_local(tensor: torch.Tensor, op: ReduceOp, *, stacked: bool) -> torch.Tensor:
+    """The shards held on this device: reduce the leading shard dim of an [R, ...] stack; one shard is the total."""
     if not stacked:
         return tensor
-    return tensor.amax(dim=0) if op == dist.ReduceOp.MAX else tensor.sum(dim=0)
+    return tensor.amax(dim=0) if op == "max" else tensor.sum(dim=0)
 
 
 class _CombinePartials(torch.autograd.Function):
     """Differentiable merge of vocabulary-shard partials into (logprobs_T, entropy_T)."""
 
     @staticmethod
-    def forward(ctx, max_T, sum_exp_T, target_logit_T, sum_exp_logit_T, valid_T, group):
-        stacked = max_T.dim() == 2
-        global_max_T = _all_reduce(max_T, dist.ReduceOp.MAX, group, stacked=stacked)
+    def forward(ctx, max_T, sum_exp_T, target_logit_T, sum_exp_logit_T, valid_T, reduce_shards):
+        if reduce_shards is None:
+            reduce_shards = functools.partial(_reduce_local, stacked=max_T.dim() == 2)
+        global_max_T = reduce_shards(max_T, "max")
         scale_T = torch.exp(max_T - global_max_T)
         rescaled_T = scale_T * (sum_exp_logit_T + (max_T - global_max_T) * sum_exp_T)
-        # One SUM collective for the three sums; e is re-centred on the global max before summing.
+        # One SUM reduction for the three sums; e is re-centred on the global max before summing.
         sums_3T = torch.stack([scale_T * sum_exp_T, rescaled_T, target_logit_T], dim=-2)
-        sums_3T = _all_reduce(sums_3T, dist.ReduceOp.SUM, group, stacked=stacked)
+        sums_3T = reduce_shards(sums_3T, "sum")
         total_sum_exp_T, total_sum_exp_logit_T, total_target_T = sums_3T.unbind(-2)
         log_sum_exp_T = torch.log(total_sum_exp_T)
         mean_shifted_logit_T = total_sum_exp_logit_T / total_sum_exp_T
@@ -137,14 +146,15 @@ def combine_partials(
     partials: LogprobPartials,
     target_ids_T: torch.Tensor,
     *,
-    process_group: dist.ProcessGroup | None = None,
+    reduce_shards: ShardReduce | None = None,
 ) -> TokenLogprobs:
     """Merge vocabulary-shard partials into fp32 logprobs [T] and (if partials carry it) entropies [T].
 
-    With a process group, each rank passes its own shard's [T] partials and the collectives run over the group
-    (2 all-reduces of O(T)); every rank returns the same result. Without one, the partials are either one
-    shard's [T] (the whole vocabulary) or [R, T] stacks of R shards, reduced locally. target_ids_T are the global
-    ids; negative ids are ignored rows (logprob 0, entropy 0, no gradient).
+    Without `reduce_shards`, the partials are either one shard's [T] (the whole vocabulary) or [R, T] stacks of
+    R shards, reduced on this device. With it, each caller passes its own shard's [T] partials and the two
+    reductions (a MAX of [T], then a SUM of [3, T]) go through `reduce_shards`; every caller that reduces together
+    returns the same result. target_ids_T are the global ids; negative ids are ignored rows (logprob 0,
+    entropy 0, no gradient).
     """
     with_entropy = partials.sum_exp_logit_T is not None
     sum_exp_logit_T = partials.sum_exp_logit_T if with_entropy else torch.zeros_like(partials.sum_exp_T)
@@ -155,6 +165,6 @@ def combine_partials(
         partials.target_logit_T,
         sum_exp_logit_T,
         valid_T,
-        process_group,
+        reduce_shards,
     )
     return TokenLogprobs(logprobs_T, entropy_T if with_entropy else None)

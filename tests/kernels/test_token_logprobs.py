@@ -5,6 +5,8 @@ neither the interpreter tiles (32 x 64, splits of 128) nor the GPU ones.
 """
 
 import importlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -136,6 +138,55 @@ def test_two_vocab_shards_match_unsplit(impl, device):
     actual = run_with_grads(split, hidden_TH, weight_VH, upstream_2T)
     for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _barrier_all_reduce(barrier: threading.Barrier, slots: list, rank: int, calls: list):
+    """An all-reduce between threads (rank r writes slots[r]): what training passes as reduce_shards under TP."""
+
+    def reduce_shards(tensor, op):
+        calls.append((op, tuple(tensor.shape)))
+        slots[rank] = tensor
+        barrier.wait()
+        stacked = torch.stack(slots)
+        barrier.wait()  # every rank has read the slots before any writes its next tensor
+        return stacked.amax(dim=0) if op == "max" else stacked.sum(dim=0)
+
+    return reduce_shards
+
+
+def test_reduce_shards_merges_per_rank_partials(device):
+    """Two emulated TP ranks, each with its own [T] partials and a caller-supplied reduction: each gets the unsplit
+    outputs, and their gradients sum to the unsplit ones (the backward needs no reduction)."""
+    hidden_TH, weight_VH, target_ids_T, upstream_2T = make_inputs(37, torch.float32, device, seed=7)
+    boundaries, barrier, slots = (0, 170, VOCAB), threading.Barrier(2, timeout=60), [None, None]
+    calls = [[], []]
+
+    def rank_main(rank):
+        start, stop = boundaries[rank], boundaries[rank + 1]
+        reduce_shards = _barrier_all_reduce(barrier, slots, rank, calls[rank])
+
+        def compute(h, w):
+            options = {"temperature": TEMPERATURE, "with_entropy": True, "impl": "chunked"}
+            return token_logprobs(
+                h, w[start:stop], target_ids_T, vocab_start=start, reduce_shards=reduce_shards, **options
+            )
+
+        return run_with_grads(compute, hidden_TH, weight_VH, upstream_2T)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ranks = [future.result() for future in [pool.submit(rank_main, rank) for rank in range(2)]]
+    expected = run_with_grads(
+        lambda h, w: token_logprobs(h, w, target_ids_T, temperature=TEMPERATURE, with_entropy=True, impl="chunked"),
+        hidden_TH,
+        weight_VH,
+        upstream_2T,
+    )
+    assert calls == [[("max", (37,)), ("sum", (3, 37))]] * 2
+    for logprobs_T, entropy_T, _, _ in ranks:
+        torch.testing.assert_close(logprobs_T, expected[0], rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(entropy_T, expected[1], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ranks[0][2] + ranks[1][2], expected[2], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(ranks[0][3] + ranks[1][3], expected[3], rtol=2e-5, atol=2e-5)
 
 
 def test_shard_without_the_target_contributes_no_target_logit(device):

@@ -1,4 +1,5 @@
-"""token_logprobs over a real 2-process gloo group: each rank holds half of the vocabulary (TP=2 on CPU)."""
+"""vocab_parallel_token_logprobs over a real 2-process gloo group: each rank holds part of the vocabulary (TP=2
+on CPU), the kernels return the shard's partials and training's all-reduce merges them."""
 
 import os
 
@@ -7,14 +8,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from guide_mega.kernels import IGNORE_INDEX, token_logprobs
+from guide_mega.kernels import IGNORE_INDEX
+from guide_mega.training.vocab_parallel import vocab_parallel_token_logprobs
 
 WORLD_SIZE, TOKENS, HIDDEN, VOCAB, SPLIT, TEMPERATURE = 2, 37, 48, 300, 170, 0.7
 
 
-def _impls() -> tuple[str, ...]:
-    """The CPU tensors of a gloo group reach Triton only through the interpreter (set by conftest without a GPU)."""
-    return ("chunked", "triton") if os.environ.get("TRITON_INTERPRET") == "1" else ("chunked",)
+# The CPU tensors of a gloo group reach Triton only through its interpreter, which each rank turns on (below)
+# before its first Triton call imports the kernel modules.
+IMPLS = ("chunked", "triton")
 
 
 def _inputs():
@@ -30,7 +32,7 @@ def _inputs():
 def _forward_backward(hidden_TH, weight_VH, target_ids_T, upstream_2T, **options):
     hidden_TH = hidden_TH.clone().requires_grad_()
     weight_VH = weight_VH.clone().requires_grad_()
-    logprobs_T, entropy_T = token_logprobs(
+    logprobs_T, entropy_T = vocab_parallel_token_logprobs(
         hidden_TH, weight_VH, target_ids_T, temperature=TEMPERATURE, with_entropy=True, **options
     )
     ((logprobs_T * upstream_2T[0]).sum() + (entropy_T * upstream_2T[1]).sum()).backward()
@@ -39,12 +41,13 @@ def _forward_backward(hidden_TH, weight_VH, target_ids_T, upstream_2T, **options
 
 def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     """One TP rank: its vocabulary shard, the group-combined outputs, grad_hidden summed as Megatron would."""
+    os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         hidden_TH, weight_VH, target_ids_T, upstream_2T = _inputs()
         start, stop = (0, SPLIT) if rank == 0 else (SPLIT, VOCAB)
         results = {}
-        for impl in _impls():
+        for impl in IMPLS:
             outputs = _forward_backward(
                 hidden_TH,
                 weight_VH[start:stop],
@@ -67,7 +70,7 @@ def test_gloo_tp2_matches_single_process(tmp_path):
     hidden_TH, weight_VH, target_ids_T, upstream_2T = _inputs()
     expected = _forward_backward(hidden_TH, weight_VH, target_ids_T, upstream_2T, impl="chunked")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
-    for impl in _impls():
+    for impl in IMPLS:
         for rank, shard in zip(range(WORLD_SIZE), (slice(0, SPLIT), slice(SPLIT, VOCAB)), strict=True):
             logprobs_T, entropy_T, grad_hidden_TH, grad_weight_VH = ranks[rank][impl]
             torch.testing.assert_close(logprobs_T, expected[0], rtol=2e-5, atol=2e-5)
