@@ -104,19 +104,11 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from guide_mega.config import ParallelConfig
-    from guide_mega.convert import hf_to_megatron, megatron_to_hf
+    from guide_mega.convert import convert
 
     warnings.filterwarnings("ignore", module="megatron")
-    parallel = None
-    if args.tensor or args.pipeline:
-        parallel = ParallelConfig(tensor=args.tensor or 1, pipeline=args.pipeline or 1)
-    if args.direction == "hf-to-megatron":
-        path = hf_to_megatron(args.source, args.output, parallel=parallel, dtype=args.dtype)
-    else:
-        path = megatron_to_hf(
-            args.source, args.output, hf_config_dir=args.hf_config, parallel=parallel, dtype=args.dtype
-        )
+    options = {"hf_config": args.hf_config, "tensor": args.tensor, "pipeline": args.pipeline, "dtype": args.dtype}
+    path = convert(args.direction, args.source, args.output, **options)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank converts its shard; one reports
         print(f"written to {path}")
     return 0

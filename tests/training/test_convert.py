@@ -8,8 +8,8 @@ from torchrun_launch import run_torchrun
 from transformers import AutoModelForCausalLM
 
 from guide_mega.cli import main as cli_main
-from guide_mega.convert import hf_to_megatron, load_megatron_checkpoint, megatron_to_hf
 from guide_mega.training.checkpoint import CheckpointError
+from guide_mega.training.checkpoint_conversion import hf_to_megatron, load_megatron_checkpoint, megatron_to_hf
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 # fp32 on both sides; the same products summed in a different order (as in test_logprob_parity.py).
