@@ -11,7 +11,7 @@ EXPERIMENT_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo experiment test test-sglang lint format clean
+.PHONY: install demo experiment test test-sglang gpu-compile lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,36 @@ test: $(STAMP)
 # The real SGLang CPU server tests: builds SGLang's own virtual environment (~2.6 GB, ~5 min) on first use.
 test-sglang: $(STAMP)
 	GUIDE_MEGA_BUILD_SGLANG_VENV=1 $(BIN)/python -m pytest -m sglang tests/rollout $(PYTEST_ARGS)
+
+# Proof without a GPU (docs: DESIGN.md section 11): every Triton kernel launch compiled for sm_90a with our Triton and
+# with the GPU image's (GPU_TRITON, installed alone under .cache/ and put ahead of ours on PYTHONPATH: compiling needs
+# only triton, and the kernel modules take torch from our venv), then the CUDA op compile-only with nvcc 13 against
+# the CUDA headers of the CPU torch wheel, with torch's own nvcc flags. That wheel lacks c10's generated
+# cuda_cmake_macros.h, which only exports symbols on Windows: C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips it.
+GPU_TRITON ?= 3.6.0
+GPU_TRITON_SITE := .cache/triton-$(GPU_TRITON)
+NVCC ?= nvcc
+TORCH_NVCC_FLAGS = $(shell $(BIN)/python -c "import torch; from torch.utils import cpp_extension as c; \
+	print(*('-I' + p for p in c.include_paths()), *c.COMMON_NVCC_FLAGS, \
+	f'-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}')")
+
+$(GPU_TRITON_SITE)/.installed: $(STAMP)
+	$(BIN)/pip install --quiet --upgrade --target $(GPU_TRITON_SITE) 'triton==$(GPU_TRITON)'
+	touch $@
+
+gpu-compile: $(STAMP) $(GPU_TRITON_SITE)/.installed
+	@status=0; \
+	env -u TRITON_INTERPRET $(BIN)/python -m guide_mega.kernels.aot || status=1; \
+	env -u TRITON_INTERPRET PYTHONPATH=$(GPU_TRITON_SITE) $(BIN)/python -m guide_mega.kernels.aot || status=1; \
+	mkdir -p build/gpu-compile; \
+	$(NVCC) -arch=sm_90a -std=c++20 -O3 --resource-usage -c csrc/group_advantages_cuda.cu \
+		-o build/gpu-compile/group_advantages_cuda.o -Icsrc $(TORCH_NVCC_FLAGS) -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+		> build/gpu-compile/nvcc.log 2>&1 || { cat build/gpu-compile/nvcc.log; status=1; }; \
+	$(NVCC) --version | grep release; \
+	awk '/Used [0-9]+ registers/ { n++; if ($$5 > m) m = $$5 } /spill stores/ { s += $$5 + $$9 } \
+		END { printf "nvcc, csrc/group_advantages_cuda.cu: %d kernels for sm_90a, at most %d registers, %d B spilled" \
+		" (build/gpu-compile/nvcc.log)\n", n, m, s }' build/gpu-compile/nvcc.log; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
