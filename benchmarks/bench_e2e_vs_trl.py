@@ -82,7 +82,7 @@ def build_config(args: argparse.Namespace, run_dir: Path) -> Config:
     """The demo config as plain GRPO (no Guide, no filter) at the benchmark's size, one generate call per step."""
     overrides = [
         "algorithm.guide.enabled=false",
-        "algorithm.filter_zero_variance=false",
+        "algorithm.filter_groups=false",
         f"algorithm.old_logprobs={args.old_logprobs}",
         f"train.steps={args.steps}",
         f"train.prompts_per_step={args.prompts}",
@@ -138,7 +138,8 @@ def run_guide_mega(config: Config) -> dict[str, list[float]]:
             trainer.step_index += 1
             result["step_seconds"].append(metrics["time/step_s"])
             result["generation_seconds"].append(metrics["time/rollout_s"])
-            result["generated_tokens"].append(trainer.collector.generated_tokens)
+            generated = metrics.get("rollout/generated_tokens", 0.0) + metrics.get("guided/generated_tokens", 0.0)
+            result["generated_tokens"].append(generated)
             result["mean_reward"].append(metrics["rollout/reward_mean"])
             result["phase_seconds"].append(
                 {key[5:-2]: value for key, value in metrics.items() if key.startswith("time/")}

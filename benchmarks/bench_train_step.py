@@ -50,8 +50,9 @@ def save_checkpoint(directory: Path, *, hidden: int, layers: int) -> None:
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
 
 
-def make_batch(*, num_seqs: int, prompt_tokens: int, response_tokens: int) -> TrainBatch:
-    """num_seqs sequences (groups of 4) with lengths spread around the given means; a quarter are guided."""
+def make_batch(*, num_seqs: int, prompt_tokens: int, response_tokens: int) -> tuple[TrainBatch, torch.Tensor]:
+    """num_seqs sequences (groups of 4) with lengths spread around the given means, a quarter guided; and random
+    advantages [T]."""
     generator = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(0, VOCAB, (prompt_tokens + seq % 5,), generator=generator).tolist() for seq in range(num_seqs)
@@ -59,7 +60,8 @@ def make_batch(*, num_seqs: int, prompt_tokens: int, response_tokens: int) -> Tr
     lengths_S = torch.tensor([response_tokens // 2 + (seq * 37) % response_tokens for seq in range(num_seqs)])
     cu_seqlens_S1 = torch.cat([torch.zeros(1, dtype=torch.long), lengths_S.cumsum(0)])
     is_guided_S = torch.arange(num_seqs) % 4 == 0
-    return TrainBatch(
+    advantages_T = torch.randn(num_seqs, generator=generator).repeat_interleave(lengths_S)
+    batch = TrainBatch(
         train_prompt_ids=prompts,
         sampled_prompt_ids=[
             prompt + [7, 8, 9] if guided else prompt
@@ -67,11 +69,11 @@ def make_batch(*, num_seqs: int, prompt_tokens: int, response_tokens: int) -> Tr
         ],
         response_ids_T=torch.randint(0, VOCAB, (int(cu_seqlens_S1[-1]),), generator=generator),
         cu_seqlens_S1=cu_seqlens_S1,
-        advantages_T=torch.randn(num_seqs, generator=generator).repeat_interleave(lengths_S),
         is_guided_S=is_guided_S,
         rewards_S=torch.zeros(num_seqs),
         group_ids_S=torch.arange(num_seqs) // 4,
     )
+    return batch, advantages_T
 
 
 def num_tokens(batch: TrainBatch) -> int:
@@ -113,7 +115,7 @@ def megatron_policy(checkpoint: Path, *, micro_batch_tokens: int, dtype: str):
     )
 
 
-def hf_eager_step(checkpoint: Path, batch: TrainBatch, *, device: str, dtype: torch.dtype):
+def hf_eager_step(checkpoint: Path, batch: TrainBatch, advantages_T: torch.Tensor, *, device: str, dtype):
     """A plain transformers train step: right-padded rows, full logits, clipped surrogate, AdamW."""
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -127,7 +129,7 @@ def hf_eager_step(checkpoint: Path, batch: TrainBatch, *, device: str, dtype: to
         input_ids_BS[s, : len(row)] = torch.tensor(row)
         response = slice(len(prompt) - 1, len(row) - 1)
         targets_BS[s, response] = torch.tensor(row[len(prompt) :])
-        advantages_BS[s, response] = batch.advantages_T[batch.cu_seqlens_S1[s] : batch.cu_seqlens_S1[s + 1]]
+        advantages_BS[s, response] = advantages_T[batch.cu_seqlens_S1[s] : batch.cu_seqlens_S1[s + 1]]
     input_ids_BS, targets_BS, advantages_BS = (t.to(device) for t in (input_ids_BS, targets_BS, advantages_BS))
     mask_BS = targets_BS >= 0
 
@@ -160,14 +162,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     dtype_name = "bfloat16" if args.device == "cuda" else "float32"
-    batch = make_batch(num_seqs=args.seqs, prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens)
+    batch, advantages_T = make_batch(
+        num_seqs=args.seqs, prompt_tokens=args.prompt_tokens, response_tokens=args.response_tokens
+    )
     tokens = num_tokens(batch)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = Path(scratch) / "model"
         save_checkpoint(checkpoint, hidden=args.hidden, layers=args.layers)
         whole = megatron_policy(checkpoint, micro_batch_tokens=10**9, dtype=dtype_name)
-        whole.compute_old_logprobs(batch)
+        old_logprobs_T = whole.compute_old_logprobs(batch)
+        inputs = {"old_logprobs_T": old_logprobs_T, "advantages_T": advantages_T}
         params = sum(param.numel() for param in whole.module.parameters())
         flops_per_token = model_flops_per_token(whole)
         # Padded micro-batches cost rows x longest row: a quarter of the rows per micro-batch gives about four.
@@ -175,12 +180,12 @@ def main() -> None:
         split = megatron_policy(checkpoint, micro_batch_tokens=budget, dtype=dtype_name)
         num_micro_batches = len(split.runner.micro_batches(batch, list(range(batch.num_seqs)), "train"))
         providers = [
-            ("megatron step (1 mb)", lambda: whole.train(batch)),
-            (f"megatron step ({num_micro_batches} mb)", lambda: split.train(batch)),
+            ("megatron step (1 mb)", lambda: whole.train(batch, **inputs)),
+            (f"megatron step ({num_micro_batches} mb)", lambda: split.train(batch, **inputs)),
             ("megatron logprobs", lambda: whole.compute_logprobs(batch, context="sampled")),
             (
                 "hf eager step (peer)",
-                hf_eager_step(checkpoint, batch, device=args.device, dtype=getattr(torch, dtype_name)),
+                hf_eager_step(checkpoint, batch, advantages_T, device=args.device, dtype=getattr(torch, dtype_name)),
             ),
         ]
         for name, run in providers:

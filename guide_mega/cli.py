@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     config = load_config(args.config, args.overrides)
     trainer = run_training(config)
-    if trainer.is_main and trainer.run_log.rows:
+    if trainer.rollout is not None and trainer.run_log.rows:  # rank 0 holds the rollout side and the log
         run_dir = Path(config.logging.run_dir)
         table = trainer.run_log.summary_table()
         (run_dir / "summary.md").write_text(table)

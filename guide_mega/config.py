@@ -99,14 +99,18 @@ class GuideConfig:
     """gamma=quantile: which quantile of the guided ratios (the authors use 0.9)."""
     gamma_constant: float = ranged(1.0, gt=0.0)
     """gamma=constant: the fixed gamma (LUFFY uses 0.1)."""
-    clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
-    """off_policy=clip: guided ratios are clipped below at 1 - clip_low."""
-    clip_high: float = ranged(0.2, ge=0.0)
-    """off_policy=clip: guided ratios are clipped above at 1 + clip_high."""
+    gamma_scope: Literal["global", "micro_batch"] = "global"
+    """gamma=quantile: one gamma per step over every guided token of the batch, at the policy of the step's start
+    (global), or one per micro-batch at the current policy, as the authors' code does (micro_batch)."""
+    off_policy_clip_low: float = ranged(0.2, ge=0.0, lt=1.0)
+    """off_policy=clip: guided ratios are clipped below at 1 - off_policy_clip_low."""
+    off_policy_clip_high: float = ranged(0.2, ge=0.0)
+    """off_policy=clip: guided ratios are clipped above at 1 + off_policy_clip_high."""
     truncated_is_cap: float = ranged(1.0, gt=0.0)
     """off_policy=truncated_is: importance weights are min(r, cap)."""
-    filter_zero_variance: bool = True
-    """Drop guided groups whose rewards are all equal (all wrong or all right), as the authors do."""
+    drop_equal_rewards: bool = True
+    """Merge a guided group only if the merged group's rewards differ (replace: the guided group alone, as the
+    authors do; pool: the failed and guided samples together); otherwise the failed group stays as it was."""
 
 
 @dataclass(kw_only=True)
@@ -135,10 +139,10 @@ class AlgorithmConfig:
     """Per-token KL estimator: k1 (log-ratio), k2 (half squared), k3 (unbiased, non-negative)."""
     entropy_coef: float = ranged(0.0, ge=0.0)
     """Weight of the entropy bonus subtracted from the loss."""
-    filter_zero_variance: bool = False
+    filter_groups: bool = False
     """Filter-GRPO: drop groups whose rewards are all equal and sample more prompts until the batch is full."""
     max_filter_rounds: int = ranged(4, ge=1)
-    """Filter-GRPO: at most this many extra sampling rounds per step before training on a partial batch."""
+    """Filter-GRPO: at most this many sampling rounds per step before training on a partial batch."""
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
     """Old logprobs recomputed by the trainer under each sample's sampling context, or taken from the engine."""
     gae_gamma: float = ranged(1.0, ge=0.0, le=1.0)
@@ -294,6 +298,13 @@ class Config:
     """Saving and resuming."""
 
 
+# Keys that were renamed so that one name means one thing; an old key is an error that names its successor.
+RENAMED_KEYS = {
+    "algorithm.filter_zero_variance": "algorithm.filter_groups",
+    "algorithm.guide.filter_zero_variance": "algorithm.guide.drop_equal_rewards",
+    "algorithm.guide.clip_low": "algorithm.guide.off_policy_clip_low",
+    "algorithm.guide.clip_high": "algorithm.guide.off_policy_clip_high",
+}
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -352,6 +363,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, st
     for name, value in values.items():
         key = f"{prefix}{name}"
         try:
+            if key in RENAMED_KEYS:
+                raise ConfigError(f"{key}: renamed to {RENAMED_KEYS[key]}")
             if name not in fields:
                 close = [f for f in fields if f.startswith(name[:3])]
                 raise ConfigError(f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))

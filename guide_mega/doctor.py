@@ -58,20 +58,23 @@ def gpu_telemetry() -> list[dict] | str:
 
 
 def _hot_paths(cuda: bool) -> dict[str, str]:
+    """What training calls on this machine: each dispatcher's own choice for a tensor where training has one
+    (bf16 on the GPU, fp32 on the CPU), so the report cannot drift from the code."""
     from guide_mega.algorithms.advantages import group_advantages_impl
+    from guide_mega.kernels.policy_loss import resolve_impl as policy_loss_impl
+    from guide_mega.kernels.token_logprobs import resolve_impl as token_logprobs_impl
 
-    triton_ok, triton_error = _importable("triton")
-    if not cuda:
-        kernels = "chunked torch (CPU)"
-    elif triton_ok:
-        kernels = "triton"
-    else:
-        kernels = f"chunked torch (triton unavailable: {triton_error})"
-    return {
+    probe = torch.empty(0, dtype=torch.bfloat16, device="cuda") if cuda else torch.empty(0)
+    names = {"triton": "triton", "chunked": "chunked torch", "torch": "closed-form torch"}
+    paths = {
         "group_advantages": group_advantages_impl(),
-        "token_logprobs": kernels,
-        "policy_loss": kernels,
+        "token_logprobs": names[token_logprobs_impl("auto", probe)],
+        "policy_loss": names[policy_loss_impl("auto", probe)],
     }
+    triton_ok, triton_error = _importable("triton")
+    if cuda and not triton_ok:
+        paths = {name: f"{path} (triton unavailable: {triton_error})" for name, path in paths.items()}
+    return paths
 
 
 def collect_report() -> dict:

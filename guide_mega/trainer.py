@@ -12,19 +12,32 @@ import random
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from guide_mega.algorithms.advantages import gae_advantages_packed, terminal_rewards_packed
-from guide_mega.config import Config
+from guide_mega.algorithms.filtering import keep_groups_with_variance
+from guide_mega.algorithms.guide import find_unsolved_groups, guide_metrics, merge_guided_groups
+from guide_mega.config import AlgorithmConfig, Config
 from guide_mega.data.batch import build_train_batch, sequence_advantages
-from guide_mega.experience import Experience, ExperienceCollector
-from guide_mega.rollout.engine import SamplingParams, bucket_named_tensors
+from guide_mega.data.embedded_model import resolve_model_path
+from guide_mega.experience import Tokenize, first_wave, hinted_wave, score_groups
+from guide_mega.metrics import Metrics
+from guide_mega.rollout.engine import RolloutEngine, SamplingParams, bucket_named_tensors
 from guide_mega.run_log import NullRunLog, RunLog
-from guide_mega.types import TrainBatch
+from guide_mega.types import RolloutGroup, TrainBatch
+
+if TYPE_CHECKING:
+    from guide_mega.data import PromptLoader
+    from guide_mega.evaluation.runner import PeriodicEvaluator
+    from guide_mega.rewards import RewardPool
+    from guide_mega.training.critic import MegatronCritic
+    from guide_mega.training.policy import MegatronPolicy
 
 # The critic's checkpoints sit beside the policy's, under <checkpoint root>/critic/step_<n>.
 CRITIC_DIR = "critic"
@@ -59,6 +72,16 @@ class PhaseTimer:
         return {f"time/{phase}_s": value for phase, value in self.seconds.items()}
 
 
+def max_sampling_rounds(algorithm: AlgorithmConfig) -> int:
+    """Sampling rounds a step may take: Filter-GRPO's bound on oversampling, else one."""
+    return algorithm.max_filter_rounds if algorithm.filter_groups else 1
+
+
+def step_seed(run_seed: int, step_index: int) -> int:
+    """The sampling seed of a step: a resumed run samples exactly what the uninterrupted run would have."""
+    return run_seed * 1_000_003 + step_index
+
+
 def rng_state() -> dict:
     """The Python, NumPy and torch RNG states as plain lists (checkpoint metadata stays JSON-safe)."""
     version, internal, gauss = random.getstate()
@@ -79,105 +102,122 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
+@dataclass(frozen=True, kw_only=True)
+class RolloutSide:
+    """Rank 0's collaborators: the engine, the verifier pool, the prompts and the tokenizer (and the evaluator)."""
+
+    engine: RolloutEngine
+    reward_pool: RewardPool
+    loader: PromptLoader
+    tokenize: Tokenize
+    evaluator: PeriodicEvaluator | None = None
+
+
 class Trainer:
-    """Owns one run: the policy and, for GAE, the critic (every rank); on rank 0 the engine, rewards, prompt loader
-    and logs."""
+    """Owns one run: the policy and, for GAE, the critic on every rank; on rank 0 the rollout side and the logs."""
 
     def __init__(
-        self, config: Config, *, policy, collector: ExperienceCollector | None, loader, run_log, critic=None
+        self,
+        config: Config,
+        *,
+        policy: MegatronPolicy,
+        critic: MegatronCritic | None,
+        rollout: RolloutSide | None,
+        run_log: RunLog | NullRunLog,
     ) -> None:
-        self.config, self.policy, self.collector, self.loader = config, policy, collector, loader
-        self.critic = critic
-        self.run_log = run_log if run_log is not None else NullRunLog()
-        self.is_main = _rank() == 0
+        self.config, self.policy, self.critic, self.rollout, self.run_log = config, policy, critic, rollout, run_log
         self.step_index = 0
         self._stop_requested = False
-        self.evaluator = None
-        """Rank 0, with train.eval_every: (step, is_last=) -> eval/ metrics (a PeriodicEvaluator)."""
-
-    # -- one step ------------------------------------------------------------------------------------------
-    def _sampling(self) -> SamplingParams:
-        # A seed per step makes a resumed run sample exactly what the uninterrupted run would have.
-        return dataclasses.replace(self.collector.sampling, seed=self.config.train.seed * 1_000_003 + self.step_index)
-
-    def _collect(self, timer: PhaseTimer) -> tuple[TrainBatch | None, dict[str, float]]:
-        """Rank 0: the step's experience packed into a TrainBatch (None when no group survived filtering)."""
-        self.collector.sampling = self._sampling()
-        with timer("rollout"):
-            experience: Experience = self.collector.collect(self.loader.next_batch, self.config.train.prompts_per_step)
-        metrics = {**experience.metrics, **self.loader.metrics, **self.collector.reward_pool.metrics}
-        timer.seconds["reward"] = self.collector.reward_seconds
-        timer.seconds["rollout"] -= self.collector.reward_seconds
-        metrics["perf/rollout_tokens_per_s"] = experience.num_generated_tokens / max(timer.seconds["rollout"], 1e-9)
-        if not experience.groups:
-            return None, metrics
-        if self.config.algorithm.estimator == "gae":
-            # Per-token advantages need the critic's values, computed on every rank after the broadcast.
-            return build_train_batch(experience.groups, None), metrics
-        advantages_S = sequence_advantages(experience.groups, self.config.algorithm)
-        return build_train_batch(experience.groups, advantages_S), metrics
-
-    def _estimate_gae(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """PPO: value the batch with the critic and fill batch.advantages_T with GAE. Returns (old values [T],
-        returns [T], metrics); every rank gets the same values, hence the same advantages."""
-        algorithm = self.config.algorithm
-        old_values_T = self.critic.compute_values(batch)
-        rewards_T = terminal_rewards_packed(batch.rewards_S, batch.cu_seqlens_S1)
-        advantages_T, returns_T = gae_advantages_packed(
-            rewards_T, old_values_T, batch.cu_seqlens_S1, gamma=algorithm.gae_gamma, lam=algorithm.gae_lambda
-        )
-        batch.advantages_T = advantages_T
-        metrics = {
-            "critic/old_value_mean": float(old_values_T.mean()),
-            "critic/return_mean": float(returns_T.mean()),
-            "critic/advantage_mean": float(advantages_T.mean()),
-            "critic/advantage_std": float(advantages_T.std()) if advantages_T.numel() > 1 else 0.0,
-        }
-        return old_values_T, returns_T, metrics
 
     def step(self) -> dict[str, float]:
-        """One RL step; returns its metrics (identical on every rank)."""
-        timer = PhaseTimer()
-        start = time.perf_counter()
-        batch, metrics = self._collect(timer) if self.is_main else (None, {})
-        batch, metrics = _broadcast_object((batch, metrics))
-        if metrics.get("filter/partial_batch") and self.config.algorithm.filter_zero_variance:
-            self.run_log.message(
-                f"step {self.step_index + 1}: {metrics['train/num_groups']:.0f} of {self.config.train.prompts_per_step}"
-                f" groups have reward variance after {metrics['filter/rounds']:.0f} sampling rounds "
-                "(algorithm.max_filter_rounds); training on those"
-            )
+        """One RL step in the order of DESIGN.md §2; returns its metrics (identical on every rank)."""
+        config, algorithm, guide = self.config, self.config.algorithm, self.config.algorithm.guide
+        timer, start, payload = PhaseTimer(), time.perf_counter(), (None, None, {})
+        if self.rollout is not None:  # rank 0 samples and scores; the other ranks get the packed batch
+            engine, pool, tokenize = self.rollout.engine, self.rollout.reward_pool, self.rollout.tokenize
+            seed = step_seed(config.train.seed, self.step_index)
+            waves = {
+                "sampling": SamplingParams.from_config(config.rollout, seed=seed),
+                "group_size": config.rollout.group_size,
+            }
+            groups, metrics, rounds = [], Metrics(), 0
+            while len(groups) < config.train.prompts_per_step and rounds < max_sampling_rounds(algorithm):
+                rounds += 1  # Filter-GRPO samples more prompts while dropped groups leave the batch short
+                prompts = self.rollout.loader.next_batch(config.train.prompts_per_step - len(groups))
+                wave, sampled = first_wave(engine, tokenize, prompts, **waves)
+                wave, scored = score_groups(wave, pool, prefix="rollout")
+                metrics += sampled + scored
+                if guide.enabled:
+                    unsolved = find_unsolved_groups(wave, threshold=guide.threshold)
+                    plan, guided, sampled = hinted_wave(
+                        engine, tokenize, wave, unsolved, template=guide.hint_template, **waves
+                    )
+                    guided, scored = score_groups(guided, pool, prefix="guided")
+                    guided = dict(zip(plan.group_indices, guided, strict=True))
+                    merged, dropped = merge_guided_groups(
+                        wave, guided, mode=guide.merge, drop_equal_rewards=guide.drop_equal_rewards
+                    )
+                    metrics += sampled + scored + guide_metrics(wave, unsolved, plan, guided, dropped)
+                    wave = merged
+                if algorithm.filter_groups:
+                    wave, filtered = keep_groups_with_variance(wave)
+                    metrics += filtered
+                groups += wave
+            payload = self._pack(groups, metrics, rounds=rounds)
+        batch, advantages_S, metrics = _broadcast_object(payload)
         if batch is None:
             self.run_log.message(f"step {self.step_index + 1}: no group with reward variance; training skipped")
-            metrics["train/skipped_step"] = 1.0
-        else:
-            with self._engine_asleep(timer):
-                with timer("old_logprobs"):
-                    self.policy.compute_old_logprobs(batch)
-                metrics.update(_logprob_mismatch(batch))
-                if self.critic is not None:
-                    with timer("values"):
-                        old_values_T, returns_T, gae_metrics = self._estimate_gae(batch)
-                    metrics.update(gae_metrics)
-                with timer("train"):
-                    metrics.update(self.policy.train(batch))
-                if self.critic is not None:
-                    with timer("critic_train"):
-                        metrics.update(self.critic.train(batch, returns_T=returns_T, old_values_T=old_values_T))
-            with timer("weight_sync"):
-                self._sync_weights()
-            num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.response_ids_T.numel()
-            metrics["perf/train_tokens_per_s"] = num_tokens / max(timer.seconds["train"], 1e-9)
-            metrics["train/skipped_step"] = 0.0
-        metrics.update(timer.metrics())
-        metrics["time/step_s"] = time.perf_counter() - start
-        return metrics
+            return {**metrics, "train/skipped_step": 1.0, "time/step_s": time.perf_counter() - start}
+        with self._engine_asleep(timer):
+            with timer("old_logprobs"):
+                old_logprobs_T = self.policy.compute_old_logprobs(batch)
+            metrics |= logprob_mismatch(batch, old_logprobs_T)
+            if self.critic is None:
+                advantages_T = batch.per_token(advantages_S.float())
+            else:
+                with timer("values"):
+                    old_values_T, advantages_T, returns_T, gae_metrics = estimate_gae(self.critic, batch, algorithm)
+                metrics |= gae_metrics
+            with timer("train"):
+                metrics |= self.policy.train(batch, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
+            if self.critic is not None:
+                with timer("critic_train"):
+                    metrics |= self.critic.train(batch, returns_T=returns_T, old_values_T=old_values_T)
+        with timer("weight_sync"):
+            self._sync_weights()
+        num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.num_tokens
+        metrics["perf/train_tokens_per_s"] = num_tokens / max(timer.seconds["train"], 1e-9)
+        return {**metrics, **timer.metrics(), "train/skipped_step": 0.0, "time/step_s": time.perf_counter() - start}
+
+    def _pack(self, groups: list[RolloutGroup], metrics: Metrics, *, rounds: int) -> tuple:
+        """Rank 0: (TrainBatch, group advantages [S], metrics) of the kept groups; (None, None, metrics) if none.
+        GAE's advantages come later from the critic, on every rank."""
+        wanted = self.config.train.prompts_per_step
+        if self.config.algorithm.filter_groups and len(groups) < wanted:
+            self.run_log.message(
+                f"step {self.step_index + 1}: {len(groups)} of {wanted} groups have reward variance after {rounds} "
+                "sampling rounds (algorithm.max_filter_rounds); training on those"
+            )
+        values = metrics.as_dict()
+        generated = values.get("rollout/generated_tokens", 0.0) + values.get("guided/generated_tokens", 0.0)
+        values |= {
+            "filter/rounds": float(rounds),
+            "filter/partial_batch": float(len(groups) < wanted),
+            "train/num_groups": float(len(groups)),
+            "perf/rollout_tokens_per_s": generated / max(values.get("time/rollout_s", 0.0), 1e-9),
+            **self.rollout.loader.metrics,
+            **self.rollout.reward_pool.metrics,
+        }
+        if not groups:
+            return None, None, values
+        gae = self.config.algorithm.estimator == "gae"
+        return build_train_batch(groups), None if gae else sequence_advantages(groups, self.config.algorithm), values
 
     @contextmanager
     def _engine_asleep(self, timer: PhaseTimer):
         """Colocated mode (train.colocate): the engine frees its GPU memory while the policy trains, and is awake
         again before the weight sync."""
-        engine = self.collector.engine if self.collector is not None and self.config.train.colocate else None
+        engine = self.rollout.engine if self.rollout is not None and self.config.train.colocate else None
         if engine is not None:
             with timer("engine_sleep"):
                 engine.sleep()
@@ -192,12 +232,12 @@ class Trainer:
         """Push the updated weights to the engine in buckets; every rank takes part in the export."""
         bucket_bytes = self.config.rollout.weight_bucket_mb << 20
         named_tensors = self.policy.export_hf_weights(bucket_bytes=bucket_bytes)
-        if self.collector is None:
+        if self.rollout is None:
             for _ in named_tensors:  # other ranks still join each bucket's collectives
                 pass
             return
         for bucket in bucket_named_tensors(named_tensors, bucket_bytes=bucket_bytes):
-            self.collector.engine.update_weights(bucket)
+            self.rollout.engine.update_weights(bucket)
 
     # -- the run -------------------------------------------------------------------------------------------
     def checkpoint_root(self) -> Path:
@@ -206,7 +246,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint policy, optimizer and the loop's state (data position, RNG) at the current step."""
-        extra = _broadcast_object({"loader": self.loader.state_dict(), "rng": rng_state()} if self.is_main else None)
+        state = {"loader": self.rollout.loader.state_dict(), "rng": rng_state()} if self.rollout is not None else None
+        extra = _broadcast_object(state)
         if self.critic is not None:
             # Before the policy: a complete policy checkpoint then always has its critic beside it.
             self.critic.save_checkpoint(self.checkpoint_root() / CRITIC_DIR, self.step_index)
@@ -226,17 +267,17 @@ class Trainer:
         self.step_index, extra = self.policy.load_checkpoint(path)
         if self.critic is not None:
             self.critic.load_checkpoint(Path(path).parent / CRITIC_DIR / Path(path).name)
-        if self.is_main:
-            self.loader.load_state_dict(extra["loader"])
+        if self.rollout is not None:
+            self.rollout.loader.load_state_dict(extra["loader"])
             set_rng_state(extra["rng"])
         self._sync_weights()
         self.run_log.message(f"resumed from {path} at step {self.step_index}")
 
     def close(self) -> None:
         """Stop the reward workers and release the engine (rank 0)."""
-        if self.collector is not None:
-            self.collector.reward_pool.close()
-            self.collector.engine.close()
+        if self.rollout is not None:
+            self.rollout.reward_pool.close()
+            self.rollout.engine.close()
 
     def _on_sigterm(self, signum, frame) -> None:
         # Slurm sends SIGTERM before preemption or the time limit: finish the step, save, stop.
@@ -251,9 +292,9 @@ class Trainer:
             while self.step_index < self.config.train.steps:
                 metrics = self.step()
                 self.step_index += 1
-                if self.evaluator is not None:
+                if self.rollout is not None and self.rollout.evaluator is not None:
                     is_last = self.step_index == self.config.train.steps
-                    metrics.update(self.evaluator(self.step_index, is_last=is_last))
+                    metrics.update(self.rollout.evaluator(self.step_index, is_last=is_last))
                 self.run_log.log(self.step_index, metrics)
                 stop = bool(_broadcast_object(self._stop_requested))
                 if stop or (every and self.step_index % every == 0):
@@ -303,63 +344,76 @@ def latest_checkpoint(root: Path, *, mode: str, with_critic: bool = False) -> tu
     return found, skipped
 
 
-def _logprob_mismatch(batch: TrainBatch) -> dict[str, float]:
+def logprob_mismatch(batch: TrainBatch, old_logprobs_T: torch.Tensor) -> dict[str, float]:
     """How far the trainer's old logprobs are from the engine's, on tokens sampled under the same context.
 
     This is the engine/trainer numerics gap (it should be ~0), kept apart from Guide's intended off-policy ratio.
     """
-    if batch.behaviour_logprobs_T is None or batch.old_logprobs_T is None:
+    if batch.behaviour_logprobs_T is None:
         return {}
-    diff_T = (batch.old_logprobs_T - batch.behaviour_logprobs_T).abs()
+    diff_T = (old_logprobs_T - batch.behaviour_logprobs_T).abs()
     return {
         "rollout/trainer_logprob_abs_diff_mean": float(diff_T.mean()),
         "rollout/trainer_logprob_abs_diff_max": float(diff_T.max()),
     }
 
 
-def build_trainer(config: Config) -> Trainer:
-    """Everything a run needs, from its config: on every rank the policy; on rank 0 data, rewards and engine."""
-    from transformers import AutoTokenizer
+def estimate_gae(critic: MegatronCritic, batch: TrainBatch, algorithm: AlgorithmConfig) -> tuple:
+    """PPO: value the batch with the critic; returns (old values [T], GAE advantages [T], returns [T], metrics).
+    Every rank computes the same values, hence the same advantages."""
+    old_values_T = critic.compute_values(batch)
+    rewards_T = terminal_rewards_packed(batch.rewards_S, batch.cu_seqlens_S1)
+    advantages_T, returns_T = gae_advantages_packed(
+        rewards_T, old_values_T, batch.cu_seqlens_S1, gamma=algorithm.gae_gamma, lam=algorithm.gae_lambda
+    )
+    metrics = {
+        "critic/old_value_mean": float(old_values_T.mean()),
+        "critic/return_mean": float(returns_T.mean()),
+        "critic/advantage_mean": float(advantages_T.mean()),
+        "critic/advantage_std": float(advantages_T.std()) if advantages_T.numel() > 1 else 0.0,
+    }
+    return old_values_T, advantages_T, returns_T, metrics
 
-    from guide_mega.data import PromptLoader, load_prompt_source, render_prompt_ids, resolve_model_path
-    from guide_mega.rewards import RewardPool
+
+def build_trainer(config: Config) -> Trainer:
+    """Everything a run needs, from its config: on every rank the policy (and critic); on rank 0 the rollout side
+    and the run log."""
     from guide_mega.training.policy import MegatronPolicy
 
-    model_dir = resolve_model_path(config.model.path) if _rank() == 0 else None
-    model_dir = _broadcast_object(model_dir)
+    model_dir = _broadcast_object(resolve_model_path(config.model.path) if _rank() == 0 else None)
     policy = MegatronPolicy(**_model_options(config, model_dir), temperature=config.rollout.temperature)
     critic = _build_critic(config, model_dir)
     if _rank() != 0:
-        return Trainer(config, policy=policy, collector=None, loader=None, run_log=None, critic=critic)
-    engine = _build_engine(config, model_dir)
+        return Trainer(config, policy=policy, critic=critic, rollout=None, run_log=NullRunLog())
+    run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
+    return Trainer(config, policy=policy, critic=critic, rollout=_build_rollout_side(config, model_dir, run_log),
+                   run_log=run_log)  # fmt: skip
+
+
+def _build_rollout_side(config: Config, model_dir: Path, run_log: RunLog) -> RolloutSide:
+    """Rank 0's engine, reward pool, prompt loader and tokenizer, and the evaluator of train.eval_every."""
+    from transformers import AutoTokenizer
+
+    from guide_mega.data import PromptLoader, load_prompt_source, render_prompt_ids
+    from guide_mega.rewards import RewardPool
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_set = load_prompt_source(config.data.source, config.data)
+    if prompt_set.num_skipped_rows or prompt_set.num_without_hint:
+        run_log.message(
+            f"data: {len(prompt_set.prompts)} prompts; {prompt_set.num_skipped_rows} malformed rows skipped; "
+            f"{prompt_set.num_without_hint} problems without a usable hint"
+        )
     loader = PromptLoader.from_config(
         prompt_set.prompts, config.data, tokenizer=tokenizer, hint_template=config.algorithm.guide.hint_template
     )
     tokenize = lambda content: render_prompt_ids(tokenizer, content, system_prompt=config.data.system_prompt)  # noqa: E731
-    collector = ExperienceCollector(
-        engine,
-        RewardPool.from_config(config.reward, lenient=config.reward.lenient),
-        tokenize,
-        algorithm=config.algorithm,
-        sampling=SamplingParams.from_config(config.rollout),
-        group_size=config.rollout.group_size,
-    )
-    trainer = Trainer(config, policy=policy, collector=collector, loader=loader, run_log=None, critic=critic)
-    trainer.run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
+    engine = _build_engine(config, model_dir)
+    reward_pool = RewardPool.from_config(config.reward, lenient=config.reward.lenient)
+    evaluator = None
     if config.train.eval_every:
-        trainer.evaluator, num_overlapping = _build_evaluator(config, collector, prompt_set.prompts)
-        trainer.run_log.message(
-            f"eval: {len(trainer.evaluator.prompts)} held-out problems from {config.data.eval_source} "
-            f"({num_overlapping} left out: also in the training data)"
-        )
-    if prompt_set.num_skipped_rows or prompt_set.num_without_hint:
-        trainer.run_log.message(
-            f"data: {len(prompt_set.prompts)} prompts; {prompt_set.num_skipped_rows} malformed rows skipped; "
-            f"{prompt_set.num_without_hint} problems without a usable hint"
-        )
-    return trainer
+        evaluator = _build_evaluator(config, engine, reward_pool, tokenize, prompt_set.prompts, run_log)
+    return RolloutSide(engine=engine, reward_pool=reward_pool, loader=loader, tokenize=tokenize, evaluator=evaluator)
 
 
 def _build_critic(config: Config, model_dir: Path):
@@ -403,9 +457,9 @@ def _build_engine(config: Config, model_dir: Path):
     return engine
 
 
-def _build_evaluator(config: Config, collector: ExperienceCollector, training_prompts: list):
-    """The PeriodicEvaluator of train.eval_every on data.eval_source minus any problem also in the training data,
-    and how many those were."""
+def _build_evaluator(config: Config, engine, reward_pool, tokenize: Tokenize, training_prompts: list, run_log):
+    """The PeriodicEvaluator of train.eval_every on data.eval_source minus any problem also in the training data
+    (how many those were is logged)."""
     from guide_mega.data import load_prompt_source
     from guide_mega.evaluation.runner import EvalSettings, PeriodicEvaluator
 
@@ -417,12 +471,16 @@ def _build_evaluator(config: Config, collector: ExperienceCollector, training_pr
     prompts = [prompt for prompt in candidates if repr(prompt.prompt) not in seen]
     if not prompts:
         raise ValueError(f"data.eval_source {config.data.eval_source!r}: every problem is also in the training data")
+    run_log.message(
+        f"eval: {len(prompts)} held-out problems from {config.data.eval_source} "
+        f"({len(candidates) - len(prompts)} left out: also in the training data)"
+    )
     settings = EvalSettings(
         num_samples=config.train.eval_samples,
         sampling=SamplingParams.from_config(config.rollout, seed=config.train.seed),
         max_prompt_tokens=config.data.max_prompt_tokens,
     )
     return PeriodicEvaluator(
-        engine=collector.engine, reward_pool=collector.reward_pool, prompts=prompts, tokenize=collector.tokenize,
-        settings=settings, every=config.train.eval_every, output_dir=Path(config.logging.run_dir) / "eval",
-    ), len(candidates) - len(prompts)  # fmt: skip
+        engine=engine, reward_pool=reward_pool, prompts=prompts, tokenize=tokenize, settings=settings,
+        every=config.train.eval_every, output_dir=Path(config.logging.run_dir) / "eval",
+    )  # fmt: skip

@@ -85,12 +85,13 @@ class RolloutGroup:
         return sum(rollout.correct for rollout in self.rollouts) / len(self.rollouts)
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainBatch:
     """A step's training data: S responses packed end to end, with per-token and per-sequence tensors.
 
-    Guided samples carry two prompts: `sampled_prompt_ids` (the hinted context, for old logprobs) and
-    `train_prompt_ids` (the hint-free context, for the current policy).
+    Immutable and validated once: what the trainer derives from it (old logprobs, advantages, values) travels
+    beside it as arguments. Guided samples carry two prompts: `sampled_prompt_ids` (the hinted context, for old
+    logprobs) and `train_prompt_ids` (the hint-free context, for the current policy).
     """
 
     train_prompt_ids: list[list[int]]
@@ -98,13 +99,11 @@ class TrainBatch:
     response_ids_T: torch.Tensor
     cu_seqlens_S1: torch.Tensor
     """Response boundaries: sequence s spans response_ids_T[cu_seqlens_S1[s]:cu_seqlens_S1[s + 1]]."""
-    advantages_T: torch.Tensor
     is_guided_S: torch.Tensor
     rewards_S: torch.Tensor
     group_ids_S: torch.Tensor
     behaviour_logprobs_T: torch.Tensor | None = None
-    old_logprobs_T: torch.Tensor | None = None
-    """Logprobs under the sampled context from the training backend at step start (filled by the backend)."""
+    """Per-token logprobs reported by the rollout engine under the sampled context (None if it gave none)."""
 
     def __post_init__(self) -> None:
         num_seqs = len(self.train_prompt_ids)
@@ -118,22 +117,40 @@ class TrainBatch:
         for name, count in checks.items():
             if count != num_seqs:
                 raise ValueError(f"TrainBatch.{name} has {count} entries for {num_seqs} sequences")
-        num_tokens = int(self.cu_seqlens_S1[-1]) if num_seqs else 0
-        for name in ("response_ids_T", "advantages_T", "behaviour_logprobs_T", "old_logprobs_T"):
-            tensor = getattr(self, name)
-            if tensor is not None and tensor.numel() != num_tokens:
-                raise ValueError(f"TrainBatch.{name} has {tensor.numel()} entries for {num_tokens} response tokens")
+        self.check_per_token("response_ids_T", self.response_ids_T)
+        if self.behaviour_logprobs_T is not None:
+            self.check_per_token("behaviour_logprobs_T", self.behaviour_logprobs_T)
 
     @property
     def num_seqs(self) -> int:
         return len(self.train_prompt_ids)
 
     @property
+    def num_tokens(self) -> int:
+        """T: response tokens of the whole batch."""
+        return int(self.cu_seqlens_S1[-1]) if self.num_seqs else 0
+
+    def check_per_token(self, name: str, values_T: torch.Tensor) -> None:
+        """Raise unless `values_T` has one entry per response token of this batch."""
+        if values_T.numel() != self.num_tokens:
+            raise ValueError(f"{name} has {values_T.numel()} entries for {self.num_tokens} response tokens")
+
+    @property
+    def lengths_S(self) -> torch.Tensor:
+        """Response length of every sequence [S]."""
+        return self.cu_seqlens_S1[1:] - self.cu_seqlens_S1[:-1]
+
+    @property
     def seq_ids_T(self) -> torch.Tensor:
         """Sequence index of every response token [T]."""
-        lengths_S = self.cu_seqlens_S1[1:] - self.cu_seqlens_S1[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_seqs), lengths_S)
+        return torch.repeat_interleave(torch.arange(self.num_seqs), self.lengths_S)
 
     @property
     def is_guided_T(self) -> torch.Tensor:
         return self.is_guided_S[self.seq_ids_T]
+
+    def per_token(self, values_S: torch.Tensor) -> torch.Tensor:
+        """A per-sequence value [S] repeated over the sequence's response tokens [T]."""
+        if values_S.numel() != self.num_seqs:
+            raise ValueError(f"{values_S.numel()} per-sequence values for {self.num_seqs} sequences")
+        return torch.repeat_interleave(values_S, self.lengths_S)

@@ -23,9 +23,9 @@ from guide_mega.evaluation.plots import plot_pass_at_k, plot_training_curves
 
 # Guide-GRPO first: it is the run the experiment is about.
 ALGORITHMS = {
-    "guide_grpo": ["algorithm.guide.enabled=true", "algorithm.filter_zero_variance=true"],
-    "filter_grpo": ["algorithm.guide.enabled=false", "algorithm.filter_zero_variance=true"],
-    "grpo": ["algorithm.guide.enabled=false", "algorithm.filter_zero_variance=false"],
+    "guide_grpo": ["algorithm.guide.enabled=true", "algorithm.filter_groups=true"],
+    "filter_grpo": ["algorithm.guide.enabled=false", "algorithm.filter_groups=true"],
+    "grpo": ["algorithm.guide.enabled=false", "algorithm.filter_groups=false"],
 }
 
 

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from guide_mega.cli import main
 from guide_mega.evaluation.passk import EvalResults, ProblemResult
 
@@ -10,9 +12,20 @@ def test_doctor_json_reports_hot_paths(capsys):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["hot_paths"]["group_advantages"] in ("cpp", "reference")
+    # On a CPU, training runs the fused loss's closed-form torch pass and the chunked LM-head logprobs.
+    assert report["hot_paths"]["policy_loss"] == "closed-form torch"
+    assert report["hot_paths"]["token_logprobs"] == "chunked torch"
     assert report["torch"] and "megatron-core" in report["packages"]
     # The sandbox ran a program: it names its layers (at least the resource limits), not an error.
     assert "rlimits" in report["code_sandbox"], report["code_sandbox"]
+
+
+def test_training_calls_the_fused_policy_loss_that_doctor_reports():
+    from guide_mega.kernels.policy_loss import policy_loss, resolve_impl
+    from guide_mega.training import train_step
+
+    assert train_step.fused_policy_loss is policy_loss
+    assert resolve_impl("auto", torch.empty(0)) == "torch"
 
 
 def _write(path, counts):

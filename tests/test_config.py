@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from guide_mega.config import Config, ConfigError, dump_config, load_config, parse_override
+from guide_mega.config import RENAMED_KEYS, Config, ConfigError, dump_config, load_config, parse_override
 from guide_mega.config_reference import config_reference_markdown, describe_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -100,3 +100,18 @@ def test_every_field_has_a_docstring():
 def test_configuration_reference_is_up_to_date():
     reference = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert reference.read_text() == config_reference_markdown(), "regenerate: python -m guide_mega.config > docs/..."
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(RENAMED_KEYS.items()))
+def test_a_renamed_key_is_an_error_that_names_its_successor(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=rf"command-line override.*{old}: renamed to {new}"):
+        load_config(None, [f"{old}=true"])
+    section, _, leaf = old.rpartition(".")
+    nested = leaf + ": true"
+    for part in reversed(section.split(".")):
+        nested = f"{part}:\n  " + nested.replace("\n", "\n  ")
+    path = tmp_path / "old.yaml"
+    path.write_text(nested + "\n")
+    with pytest.raises(ConfigError, match=rf"{path}.*{old}: renamed to {new}"):
+        load_config(path)
+    assert load_config(None, [f"{new}={'0.3' if 'clip' in new else 'true'}"])

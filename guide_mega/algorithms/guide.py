@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from guide_mega.algorithms.filtering import has_reward_variance
+from guide_mega.metrics import Metrics
 from guide_mega.types import Prompt, PromptContent, RolloutGroup
 
 MergeMode = Literal["replace", "pool"]
@@ -88,38 +90,41 @@ def _train_under_hint_free_prompt(guided: RolloutGroup, unguided: RolloutGroup) 
     return RolloutGroup(prompt=unguided.prompt, rollouts=rollouts, is_guided=True)
 
 
+def _merged_group(unguided: RolloutGroup, guided: RolloutGroup, mode: MergeMode) -> RolloutGroup:
+    if guided.prompt.id != unguided.prompt.id:
+        raise ValueError(f"guided group for {guided.prompt.id!r} merged into {unguided.prompt.id!r}")
+    guided = _train_under_hint_free_prompt(guided, unguided)
+    if mode == "pool":
+        return RolloutGroup(prompt=unguided.prompt, rollouts=unguided.rollouts + guided.rollouts, is_guided=True)
+    return guided
+
+
 def merge_guided_groups(
-    groups: list[RolloutGroup], guided: dict[int, RolloutGroup], *, mode: MergeMode = "replace"
-) -> list[RolloutGroup]:
+    groups: list[RolloutGroup],
+    guided: dict[int, RolloutGroup],
+    *,
+    mode: MergeMode = "replace",
+    drop_equal_rewards: bool = False,
+) -> tuple[list[RolloutGroup], list[int]]:
     """Merge the second wave into the batch. `guided` maps a group index to its guided group.
 
     replace: the guided group takes the failed group's place and is normalised on its own (the authors' code).
     pool:    the failed unguided rollouts and the guided ones form one group, so advantages are computed over both.
-    Either way every guided rollout trains under the hint-free prompt of its group.
+    Either way every guided rollout trains under the hint-free prompt of its group. With drop_equal_rewards, a
+    merged group whose rewards are all equal (no signal) is not merged and the failed group stays; in pool mode
+    this looks at the merged group, so an all-correct guided wave beside an all-wrong first wave is kept.
+    Returns the merged groups and the indices whose guided group was dropped.
     """
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {MERGE_MODES}, got {mode!r}")
-    merged = list(groups)
+    merged, dropped = list(groups), []
     for index, guided_group in guided.items():
-        unguided = groups[index]
-        if guided_group.prompt.id != unguided.prompt.id:
-            raise ValueError(f"guided group for {guided_group.prompt.id!r} merged into {unguided.prompt.id!r}")
-        guided_group = _train_under_hint_free_prompt(guided_group, unguided)
-        if mode == "pool":
-            guided_group = RolloutGroup(
-                prompt=unguided.prompt, rollouts=unguided.rollouts + guided_group.rollouts, is_guided=True
-            )
-        merged[index] = guided_group
-    return merged
-
-
-def filter_groups_by_success(
-    groups: list[RolloutGroup], *, low: float, high: float
-) -> tuple[list[RolloutGroup], list[RolloutGroup]]:
-    """Split groups into (kept, dropped): kept when low <= success rate <= high (Filter-GRPO's mixed outcomes)."""
-    kept = [group for group in groups if low <= group.success_rate <= high]
-    dropped = [group for group in groups if not low <= group.success_rate <= high]
-    return kept, dropped
+        candidate = _merged_group(groups[index], guided_group, mode)
+        if drop_equal_rewards and not has_reward_variance(candidate):
+            dropped.append(index)
+            continue
+        merged[index] = candidate
+    return merged, dropped
 
 
 def hint_reliance(
@@ -145,15 +150,19 @@ def hint_reliance(
     }
 
 
-def guide_metrics(groups: list[RolloutGroup], unsolved: list[int], plan: HintPlan, guided: dict[int, RolloutGroup]):
-    """Counts for the log: unsolved groups, guided groups, guided success (any correct sample, and mean)."""
-    solved_with_hint = [group.success_rate > 0 for group in guided.values()]
+def guide_metrics(
+    groups: list[RolloutGroup], unsolved: list[int], plan: HintPlan, guided: dict[int, RolloutGroup], dropped: list[int]
+) -> Metrics:
+    """Counts for the log (unsolved groups, guided groups, those solved with the hint, those dropped for equal
+    rewards) and the guided samples' success rate, weighted by their number."""
     samples = [rollout.correct for group in guided.values() for rollout in group.rollouts]
-    return {
-        "guide/num_groups": float(len(groups)),
-        "guide/num_unsolved_groups": float(len(unsolved)),
-        "guide/num_unsolved_without_hint": float(len(plan.without_hint)),
-        "guide/num_guided_groups": float(len(guided)),
-        "guide/guided_groups_solved": float(sum(solved_with_hint)),
-        "guide/guided_success_rate": sum(samples) / len(samples) if samples else 0.0,
+    counts = {
+        "guide/num_groups": len(groups),
+        "guide/num_unsolved_groups": len(unsolved),
+        "guide/num_unsolved_without_hint": len(plan.without_hint),
+        "guide/num_guided_groups": len(guided),
+        "guide/guided_groups_solved": sum(group.success_rate > 0 for group in guided.values()),
+        "guide/num_guided_groups_dropped": len(dropped),
     }
+    success = sum(samples) / len(samples) if samples else 0.0
+    return Metrics(counts=counts, means={"guide/guided_success_rate": (success, len(samples))})

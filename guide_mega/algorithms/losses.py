@@ -15,6 +15,11 @@ from typing import Literal
 
 import torch
 
+# exp() of a log-ratio above ~88 overflows float32; trainer and behaviour logprobs that disagree that much are a
+# bug upstream, and clamping to +-MAX_LOG_RATIO keeps one bad token from turning the whole loss into inf/NaN.
+# The fused kernel defines the bound; this reference and the trainer use the same one.
+from guide_mega.kernels.policy_loss import MAX_LOG_RATIO
+
 OffPolicyMode = Literal["shaping", "clip", "truncated_is", "none"]
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -23,9 +28,6 @@ OFF_POLICY_MODES: tuple[str, ...] = ("shaping", "clip", "truncated_is", "none")
 LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
-# exp() of a log-ratio above ~88 overflows float32; trainer and behaviour logprobs that disagree that much are a
-# bug upstream, and clamping keeps one bad token from turning the whole batch's loss into inf/NaN.
-_MAX_LOG_RATIO = 20.0
 # The authors' code floors the shaping gamma so that r / (r + gamma) stays well defined when guided ratios collapse.
 _MIN_SHAPING_GAMMA = 1e-4
 
@@ -42,9 +44,9 @@ class PolicyLossOptions:
     """For negative advantages, cap the loss at -A * dual_clip (dual-clip PPO); None disables it."""
     off_policy: OffPolicyMode = "shaping"
     """How guided tokens are trained: r/(r+gamma) shaping, a PPO clip, truncated IS, or the plain ratio."""
-    guided_clip_low: float = 0.2
+    off_policy_clip_low: float = 0.2
     """off_policy='clip': lower clip range for guided tokens."""
-    guided_clip_high: float = 0.2
+    off_policy_clip_high: float = 0.2
     """off_policy='clip': upper clip range for guided tokens."""
     truncated_is_cap: float = 1.0
     """off_policy='truncated_is': the importance weight is min(r, cap), treated as a constant."""
@@ -53,15 +55,26 @@ class PolicyLossOptions:
 def masked_quantile(values_T: torch.Tensor, mask_T: torch.Tensor, q: float) -> torch.Tensor:
     """Quantile q of `values_T` over positions where `mask_T` is true (linear interpolation, as torch.quantile).
 
-    Returns a 0-d tensor; NaN when the mask is empty. Padding must be masked out: the authors' code takes the
-    quantile over padded positions too, which makes gamma a statistic of the padding.
+    Exact for any number of values, in float64 (torch.quantile refuses more than 2^24 of them, fewer than the
+    guided tokens of a large step). Returns a 0-d tensor of values_T's dtype; NaN when the mask is empty. Padding
+    must be masked out: the authors' code takes the quantile over padded positions too, which makes gamma a
+    statistic of the padding.
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
-    selected = values_T[mask_T.bool()]
+    selected = values_T[mask_T.bool()].to(torch.float64)
     if selected.numel() == 0:
         return torch.full((), float("nan"), dtype=values_T.dtype, device=values_T.device)
-    return torch.quantile(selected.to(torch.float32), q).to(values_T.dtype)
+    position = q * (selected.numel() - 1)
+    below = int(position)  # floor; kthvalue counts from 1
+    low = torch.kthvalue(selected, below + 1).values
+    high = torch.kthvalue(selected, min(below + 2, selected.numel())).values
+    return (low + (high - low) * (position - below)).to(values_T.dtype)
+
+
+def importance_ratio(logprobs_T: torch.Tensor, old_logprobs_T: torch.Tensor) -> torch.Tensor:
+    """r = exp(logprob - old_logprob) [T], the log-ratio clamped to +-MAX_LOG_RATIO first."""
+    return torch.exp((logprobs_T - old_logprobs_T).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
 def shaping_gamma(
@@ -102,7 +115,7 @@ def _off_policy_loss(
         # and rare tokens (r >> 1) both get small gradients, with gamma detached.
         return -advantages_T * ratio_T / (ratio_T + gamma)
     if options.off_policy == "clip":
-        clipped_T = ratio_T.clamp(1.0 - options.guided_clip_low, 1.0 + options.guided_clip_high)
+        clipped_T = ratio_T.clamp(1.0 - options.off_policy_clip_low, 1.0 + options.off_policy_clip_high)
         return torch.maximum(-advantages_T * ratio_T, -advantages_T * clipped_T)
     if options.off_policy == "truncated_is":
         # Value -A * w and gradient -A * w * dlogprob with w = min(r, cap) held constant.
@@ -131,7 +144,7 @@ def policy_loss(
         L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), then min(L, -A c) when A < 0 and dual_clip=c
     Guided tokens (is_guided true), by options.off_policy:
         shaping:      L = -A r / (r + gamma)            gamma detached (see `shaping_gamma`)
-        clip:         L = max(-A r, -A clip(r, 1 - guided_clip_low, 1 + guided_clip_high))
+        clip:         L = max(-A r, -A clip(r, 1 - off_policy_clip_low, 1 + off_policy_clip_high))
         truncated_is: L = -A sg(min(r, cap)) exp(logprob - sg(logprob))
         none:         L = -A r
     `gamma` overrides the quantile/constant choice when given (the trainer passes a gamma computed over the whole
@@ -140,16 +153,18 @@ def policy_loss(
     mask_T = loss_mask_T.bool()
     guided_T = is_guided_T.bool() & mask_T
     on_policy_T = ~is_guided_T.bool() & mask_T
-    log_ratio_T = (logprobs_T - old_logprobs_T).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    log_ratio_T = (logprobs_T - old_logprobs_T).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio_T = torch.exp(log_ratio_T)
     if gamma is None:
         gamma = shaping_gamma(ratio_T, guided_T, quantile=gamma_quantile, constant=gamma_constant)
     gamma = torch.as_tensor(gamma, dtype=ratio_T.dtype, device=ratio_T.device).detach()
 
-    on_loss_T, dual_clipped_T = _on_policy_loss(ratio_T, advantages_T, options)
+    on_loss_T, _ = _on_policy_loss(ratio_T, advantages_T, options)
     off_loss_T = _off_policy_loss(ratio_T, log_ratio_T, advantages_T, gamma, options)
     loss_T = torch.where(guided_T, off_loss_T, torch.where(on_policy_T, on_loss_T, torch.zeros_like(on_loss_T)))
-    metrics = _policy_loss_metrics(ratio_T, advantages_T, loss_T, on_policy_T, guided_T, dual_clipped_T, options)
+    metrics = policy_loss_metrics(
+        logprobs_T, old_logprobs_T, advantages_T, loss_T, loss_mask_T, is_guided_T, options=options
+    )
     metrics["guide/shaping_gamma"] = gamma.float()
     return loss_T, metrics
 
@@ -159,9 +174,22 @@ def _masked_mean(values_T: torch.Tensor, mask_T: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, (values_T * mask_T).sum() / count.clamp(min=1), torch.zeros_like(count)).float()
 
 
-def _policy_loss_metrics(ratio_T, advantages_T, loss_T, on_policy_T, guided_T, dual_clipped_T, options):
-    """Detached per-batch statistics: clip fractions, on/off-policy losses, ratio statistics."""
-    ratio_T, loss_T = ratio_T.detach(), loss_T.detach()
+def policy_loss_metrics(
+    logprobs_T: torch.Tensor,
+    old_logprobs_T: torch.Tensor,
+    advantages_T: torch.Tensor,
+    loss_T: torch.Tensor,
+    loss_mask_T: torch.Tensor,
+    is_guided_T: torch.Tensor,
+    *,
+    options: PolicyLossOptions,
+) -> dict[str, torch.Tensor]:
+    """Detached statistics of one evaluation of the policy loss (from `policy_loss` or the fused kernel): clip
+    fractions, on/off-policy losses and ratios, token counts, ratio extremes."""
+    mask_T = loss_mask_T.bool()
+    guided_T, on_policy_T = is_guided_T.bool() & mask_T, ~is_guided_T.bool() & mask_T
+    ratio_T, loss_T = importance_ratio(logprobs_T.detach(), old_logprobs_T), loss_T.detach()
+    _, dual_clipped_T = _on_policy_loss(ratio_T, advantages_T, options)
     below_T = (ratio_T < 1.0 - options.clip_low) & (advantages_T < 0)
     above_T = (ratio_T > 1.0 + options.clip_high) & (advantages_T > 0)
     metrics = {
@@ -175,10 +203,9 @@ def _policy_loss_metrics(ratio_T, advantages_T, loss_T, on_policy_T, guided_T, d
         "actor/on_policy_tokens": on_policy_T.sum().float(),
         "actor/off_policy_tokens": guided_T.sum().float(),
     }
-    any_mask_T = on_policy_T | guided_T
-    if any_mask_T.any():
-        metrics["actor/ratio_max"] = ratio_T[any_mask_T].max().float()
-        metrics["actor/ratio_min"] = ratio_T[any_mask_T].min().float()
+    if mask_T.any():
+        metrics["actor/ratio_max"] = ratio_T[mask_T].max().float()
+        metrics["actor/ratio_min"] = ratio_T[mask_T].min().float()
     return metrics
 
 
@@ -187,7 +214,7 @@ def kl_penalty(logprobs_T: torch.Tensor, ref_logprobs_T: torch.Tensor, *, estima
 
     k1 = d;   k2 = d^2 / 2;   k3 = exp(-d) - 1 + d   (unbiased and non-negative; Schulman's estimator)
     """
-    log_ratio_T = (logprobs_T - ref_logprobs_T).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    log_ratio_T = (logprobs_T - ref_logprobs_T).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     if estimator == "k1":
         return log_ratio_T
     if estimator == "k2":

@@ -1,4 +1,4 @@
-"""From scored rollout groups to the packed `TrainBatch`: group advantages, then responses laid end to end.
+"""From scored rollout groups to group advantages [S] and the packed `TrainBatch`.
 
 Shape legend: S sequences (rollouts), T response tokens of the batch, G groups.
 """
@@ -35,19 +35,11 @@ def sequence_advantages(groups: list[RolloutGroup], algorithm: AlgorithmConfig) 
     )
 
 
-def build_train_batch(groups: list[RolloutGroup], advantages_S: torch.Tensor | None) -> TrainBatch:
-    """Pack the rollouts of `groups` (in order) with one advantage per rollout, broadcast over its tokens.
-
-    advantages_S=None leaves advantages_T at 0 for an estimator that assigns them per token later, once the batch
-    has been valued (GAE: `Trainer` fills them from the critic on every rank).
-    """
+def build_train_batch(groups: list[RolloutGroup]) -> TrainBatch:
+    """Pack the rollouts of `groups` (in order), responses laid end to end."""
     rollouts = [rollout for group in groups for rollout in group.rollouts]
     if not rollouts:
         raise ValueError("cannot build a train batch from no rollouts")
-    if advantages_S is None:
-        advantages_S = torch.zeros(len(rollouts))
-    if len(rollouts) != advantages_S.numel():
-        raise ValueError(f"{advantages_S.numel()} advantages for {len(rollouts)} rollouts")
     lengths_S = torch.tensor([len(r.response_ids) for r in rollouts], dtype=torch.int64)
     cu_seqlens_S1 = torch.zeros(len(rollouts) + 1, dtype=torch.int64)
     cu_seqlens_S1[1:] = lengths_S.cumsum(0)
@@ -58,7 +50,6 @@ def build_train_batch(groups: list[RolloutGroup], advantages_S: torch.Tensor | N
         sampled_prompt_ids=[list(r.sampled_prompt_ids) for r in rollouts],
         response_ids_T=torch.tensor([t for r in rollouts for t in r.response_ids], dtype=torch.int64),
         cu_seqlens_S1=cu_seqlens_S1,
-        advantages_T=torch.repeat_interleave(advantages_S.to(torch.float32), lengths_S),
         is_guided_S=torch.tensor([r.is_guided for r in rollouts], dtype=torch.bool),
         rewards_S=torch.tensor([r.reward for r in rollouts], dtype=torch.float32),
         group_ids_S=group_ids_S,

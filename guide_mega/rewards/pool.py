@@ -212,17 +212,26 @@ class RewardPool:
             results.append(result)
         return results
 
-    def score_groups(self, groups: Sequence[RolloutGroup]) -> list[RewardResult]:
-        """Score every rollout's `response_text` in place (reward, correct); returns the results in rollout order."""
-        rollouts = [(group.prompt, rollout) for group in groups for rollout in group.rollouts]
-        results = self.score(
-            [rollout.response_text for _, rollout in rollouts],
-            [prompt.answer for prompt, _ in rollouts],
-            [prompt.metadata for prompt, _ in rollouts],
+    def score_groups(self, groups: Sequence[RolloutGroup]) -> tuple[list[RolloutGroup], list[RewardResult]]:
+        """Copies of `groups` whose rollouts carry their reward and correctness, and the results in rollout order
+        (the input groups are left as they were)."""
+        pairs = [(group.prompt, rollout) for group in groups for rollout in group.rollouts]
+        results = iter(
+            self.score(
+                [rollout.response_text for _, rollout in pairs],
+                [prompt.answer for prompt, _ in pairs],
+                [prompt.metadata for prompt, _ in pairs],
+            )
         )
-        for (_, rollout), result in zip(rollouts, results, strict=True):
-            rollout.reward, rollout.correct = result.reward, result.correct
-        return results
+        scored, all_results = [], []
+        for group in groups:
+            rollouts = []
+            for rollout in group.rollouts:
+                result = next(results)
+                all_results.append(result)
+                rollouts.append(dataclasses.replace(rollout, reward=result.reward, correct=result.correct))
+            scored.append(dataclasses.replace(group, rollouts=rollouts))
+        return scored, all_results
 
     @property
     def metrics(self) -> dict[str, float]:

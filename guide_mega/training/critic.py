@@ -20,11 +20,9 @@ from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, Par
 from guide_mega.training.architecture import read_architecture
 from guide_mega.training.checkpoint import load_checkpoint, save_checkpoint
 from guide_mega.training.distributed import init_parallel
-from guide_mega.training.forward import broadcast_object_from_last_stage
 from guide_mega.training.micro_batches import MicroBatch
 from guide_mega.training.model_runner import ModelRunner
 from guide_mega.training.policy import checkpoint_directory, mini_batch_sequences
-from guide_mega.training.train_step import reduce_step_metrics
 from guide_mega.types import TrainBatch
 
 
@@ -75,23 +73,16 @@ class MegatronCritic:
         return self.runner.forward_per_token(batch, self._values_fn, context="train")
 
     def train(self, batch: TrainBatch, *, returns_T: torch.Tensor, old_values_T: torch.Tensor) -> dict[str, float]:
-        """One optimizer step per mini-batch on the clipped value loss; metrics averaged over mini-batches."""
-        lengths_S = (batch.cu_seqlens_S1[1:] - batch.cu_seqlens_S1[:-1]).tolist()
-        mini_batches = mini_batch_sequences(batch.group_ids_S, self.train_config.mini_batches_per_step)
-        totals: dict[str, float] = {}
-        for seqs in mini_batches:
+        """One optimizer step per mini-batch on the clipped value loss; metrics as `ModelRunner.train_mini_batches`
+        gives them, under critic/."""
+        batch.check_per_token("returns_T", returns_T)
+        batch.check_per_token("old_values_T", old_values_T)
+        lengths_S = batch.lengths_S.tolist()
+        mini_batches = []
+        for seqs in mini_batch_sequences(batch.group_ids_S, self.train_config.mini_batches_per_step):
             counts = (float(sum(lengths_S[seq] for seq in seqs)), float(sum(lengths_S[seq] > 0 for seq in seqs)))
-            outputs = self.runner.accumulate_gradients(batch, seqs, self._loss_fn(returns_T, old_values_T, counts))
-            metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
-            metrics = broadcast_object_from_last_stage(metrics)
-            update = self.runner.optimizer_step_if_finite(metrics.get("critic/loss", 0.0))
-            # A NaN/Inf loss or gradient drops this mini-batch's update (the fraction of such is logged).
-            nonfinite = {"update_skipped": 1.0, "nonfinite_skipped": 1.0}
-            update = nonfinite if update is None else {**update, "nonfinite_skipped": 0.0}
-            metrics.update({f"critic/{name}": value for name, value in update.items()})
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value / len(mini_batches)
-        return totals
+            mini_batches.append((seqs, self._loss_fn(returns_T, old_values_T, counts)))
+        return self.runner.train_mini_batches(batch, mini_batches, prefix="critic", loss_name="critic/loss")
 
     def _loss_fn(self, returns_T: torch.Tensor, old_values_T: torch.Tensor, counts: tuple[float, float]):
         algorithm = self.algorithm

@@ -9,6 +9,7 @@ its share of the sequences and cuts it into token-budgeted micro-batches.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,13 @@ import torch
 from guide_mega.config import ModelConfig, OptimizerConfig, ParallelConfig
 from guide_mega.training.architecture import ModelArchitecture, transformer_config
 from guide_mega.training.distributed import ParallelLayout
-from guide_mega.training.forward import LossFn, broadcast_from_last_stage, run_schedule, sum_over_data_parallel
+from guide_mega.training.forward import (
+    LossFn,
+    broadcast_from_last_stage,
+    broadcast_object_from_last_stage,
+    run_schedule,
+    sum_over_data_parallel,
+)
 from guide_mega.training.micro_batches import (
     Context,
     MicroBatch,
@@ -26,10 +33,15 @@ from guide_mega.training.micro_batches import (
 )
 from guide_mega.training.model import build_gpt_model, transformer_engine_available
 from guide_mega.training.optimizer import build_optimizer, wrap_data_parallel
+from guide_mega.training.train_step import gradients_are_finite, reduce_step_metrics
 from guide_mega.training.weight_loading import load_hf_weights
 from guide_mega.types import TrainBatch
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Metric suffix: optimizer steps skipped because the loss or a gradient was NaN or Inf (summed, not averaged).
+NONFINITE_SKIPPED = "nonfinite_skipped"
 PerTokenFn = Callable[[torch.Tensor, MicroBatch], torch.Tensor]
 
 
@@ -74,6 +86,8 @@ class ModelRunner:
         self.module = build_gpt_model(arch, self.config, layout, critic=critic)
         load_hf_weights(self.module, checkpoint_dir, arch, layout, critic=critic)
         self.model: list[torch.nn.Module] = [self.module]
+        self.optimizer_steps = 0
+        """Optimizer updates applied so far (skipped ones not counted); saved with checkpoints."""
         self.optimizer = self.scheduler = None
         if optimizer is not None:
             self.model = [wrap_data_parallel(self.module, self.config)]
@@ -134,11 +148,43 @@ class ModelRunner:
             self.model, micro_batches, loss_fn, forward_only=False, explicit_causal_mask=not self.packed
         )
 
+    def train_mini_batches(
+        self,
+        batch: TrainBatch,
+        mini_batches: list[tuple[list[int], LossFn]],
+        *,
+        prefix: str,
+        loss_name: str,
+    ) -> dict[str, float]:
+        """One optimizer step per mini-batch, given as (sequence indices, the schedule's loss function).
+
+        Returns the loss functions' metrics and `{prefix}/grad_norm`, `lr`, `update_skipped`, averaged over the
+        mini-batches, and `{prefix}/nonfinite_skipped`, the number of optimizer steps skipped for a NaN or Inf
+        loss or gradient (summed). Collective: every rank calls it with the same arguments.
+        """
+        totals: dict[str, float] = {}
+        for seqs, loss_fn in mini_batches:
+            outputs = self.accumulate_gradients(batch, seqs, loss_fn)
+            metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
+            metrics = broadcast_object_from_last_stage(metrics)
+            update = self.optimizer_step_if_finite(metrics.get(loss_name, 0.0))
+            if update is None:
+                logger.warning(
+                    "non-finite %s (%s) or gradient: optimizer step skipped", loss_name, metrics.get(loss_name)
+                )
+                update = {"update_skipped": 1.0, NONFINITE_SKIPPED: 1.0}
+            else:
+                update[NONFINITE_SKIPPED] = 0.0
+                self.optimizer_steps += int(not update["update_skipped"])
+            metrics.update({f"{prefix}/{name}": value for name, value in update.items()})
+            for name, value in metrics.items():
+                share = value if name == f"{prefix}/{NONFINITE_SKIPPED}" else value / len(mini_batches)
+                totals[name] = totals.get(name, 0.0) + share
+        return totals
+
     def optimizer_step_if_finite(self, loss: float) -> dict[str, float] | None:
         """`optimizer_step()`, unless the loss or any gradient (on any rank) is NaN or Inf: then the gradients are
         dropped and None returned. Collective over the whole world."""
-        from guide_mega.training.train_step import gradients_are_finite
-
         if gradients_are_finite(self.model, device=self.layout.device) and math.isfinite(loss):
             return self.optimizer_step()
         # One NaN or Inf in Adam's moments would poison every later step: this update is dropped, Adam and the LR

@@ -8,7 +8,6 @@ on its share of the sequences and results are shared so that every rank returns 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,29 +15,17 @@ import numpy as np
 import torch
 
 from guide_mega.algorithms.guide import hint_reliance
-from guide_mega.algorithms.losses import shaping_gamma
+from guide_mega.algorithms.losses import importance_ratio, shaping_gamma
 from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.architecture import read_architecture
 from guide_mega.training.checkpoint import load_checkpoint, save_checkpoint, save_hf_checkpoint
 from guide_mega.training.distributed import init_parallel
-from guide_mega.training.forward import broadcast_object_from_last_stage
 from guide_mega.training.logprobs import micro_batch_logprobs
 from guide_mega.training.micro_batches import Context
 from guide_mega.training.model_runner import ModelRunner
-from guide_mega.training.train_step import (
-    StepTensors,
-    make_policy_loss_fn,
-    reduce_step_metrics,
-)
+from guide_mega.training.train_step import LossInputs, make_policy_loss_fn
 from guide_mega.training.weight_export import export_hf_weights
 from guide_mega.types import TrainBatch
-
-logger = logging.getLogger(__name__)
-
-# The same bound as the policy loss puts on log-ratios: exp() of a larger one overflows fp32.
-_MAX_LOG_RATIO = 20.0
-# Metric: optimizer steps of an RL step skipped because the loss or a gradient was NaN or Inf.
-NONFINITE_SKIPPED = "train/nonfinite_skipped"
 
 
 def checkpoint_directory(model: ModelConfig) -> Path:
@@ -97,12 +84,16 @@ class MegatronPolicy:
         self.reference = None
         if algorithm.kl_coef > 0:
             self.reference = ModelRunner(self.checkpoint_dir, self.arch, self.layout, **shared)
-        self.optimizer_steps = 0
 
     @property
     def module(self) -> torch.nn.Module:
         """This rank's (unwrapped) GPTModel stage."""
         return self.runner.module
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer updates applied so far (kept across checkpoints)."""
+        return self.runner.optimizer_steps
 
     @property
     def config(self):
@@ -129,41 +120,48 @@ class MegatronPolicy:
         runner = self.reference if reference else self.runner
         return runner.forward_per_token(batch, self._logprobs_fn(runner), context=context, seqs=seqs)
 
-    def compute_old_logprobs(self, batch: TrainBatch) -> None:
-        """Fill batch.old_logprobs_T: each sample under the context it was sampled in (hinted for guided ones)."""
+    def compute_old_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Old logprobs [T]: each sample under the context it was sampled in (hinted for guided ones), recomputed
+        by this policy at the step's start, or the engine's own (algorithm.old_logprobs='rollout')."""
         if self.algorithm.old_logprobs == "rollout":
             if batch.behaviour_logprobs_T is None:
-                raise ValueError("algorithm.old_logprobs='rollout' but TrainBatch.behaviour_logprobs_T is None")
-            batch.old_logprobs_T = batch.behaviour_logprobs_T.float()
-            return
-        batch.old_logprobs_T = self.compute_logprobs(batch, context="sampled")
+                raise ValueError("algorithm.old_logprobs='rollout' but the engine returned no logprobs")
+            return batch.behaviour_logprobs_T.float()
+        return self.compute_logprobs(batch, context="sampled")
 
-    def _guided_statistics(self, batch: TrainBatch) -> tuple[float, dict[str, float]]:
-        """The shaping gamma (once per step, so it is split-invariant) and hint-reliance metrics."""
+    def _guided_statistics(self, batch: TrainBatch, old_logprobs_T: torch.Tensor) -> tuple[float | None, dict]:
+        """The step's shaping gamma (gamma_scope=global: once per step, so it is split-invariant; None under
+        micro_batch scope) and hint-reliance metrics, from the guided samples under the hint-free prompt."""
         guide = self.algorithm.guide
+        step_gamma = guide.gamma == "constant" or guide.gamma_scope == "global"
         guided = [seq for seq in range(batch.num_seqs) if bool(batch.is_guided_S[seq])]
         if not guided:
-            return guide.gamma_constant, {}
+            return (guide.gamma_constant if step_gamma else None), {}
         plain_T = self.compute_logprobs(batch, context="train", seqs=guided)
-        guided_T = batch.is_guided_T
-        ratio_T = torch.exp((plain_T - batch.old_logprobs_T).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        reliance = hint_reliance(old_logprobs_T, plain_T, batch.seq_ids_T, batch.is_guided_S)
+        metrics = {name: float(value) for name, value in reliance.items()}
+        if not step_gamma:
+            return None, metrics
         quantile = guide.gamma_quantile if guide.gamma == "quantile" else None
-        gamma = float(shaping_gamma(ratio_T, guided_T, quantile=quantile, constant=guide.gamma_constant))
-        reliance = hint_reliance(batch.old_logprobs_T, plain_T, batch.seq_ids_T, batch.is_guided_S)
-        return gamma, {name: float(value) for name, value in reliance.items()}
+        ratio_T = importance_ratio(plain_T, old_logprobs_T)
+        gamma = shaping_gamma(ratio_T, batch.is_guided_T, quantile=quantile, constant=guide.gamma_constant)
+        return float(gamma), metrics
 
-    def plan_step(self, batch: TrainBatch) -> tuple[list[StepTensors], dict[str, float]]:
-        """Old (and reference) logprobs, the shaping gamma, and the loss inputs of each mini-batch."""
-        if batch.old_logprobs_T is None:
-            self.compute_old_logprobs(batch)
-        gamma, metrics = self._guided_statistics(batch)
+    def plan_mini_batches(
+        self, batch: TrainBatch, *, old_logprobs_T: torch.Tensor, advantages_T: torch.Tensor
+    ) -> tuple[list[LossInputs], dict[str, float]]:
+        """The loss inputs of each mini-batch (with the reference logprobs and the shaping gamma, computed once for
+        the step), and the step's Guide metrics."""
+        batch.check_per_token("old_logprobs_T", old_logprobs_T)
+        batch.check_per_token("advantages_T", advantages_T)
+        gamma, metrics = self._guided_statistics(batch, old_logprobs_T)
         ref_logprobs_T = self.compute_logprobs(batch, reference=True) if self.reference is not None else None
-        lengths_S = (batch.cu_seqlens_S1[1:] - batch.cu_seqlens_S1[:-1]).tolist()
-        steps = [
-            StepTensors(
+        lengths_S = batch.lengths_S.tolist()
+        plans = [
+            LossInputs(
                 seqs=seqs,
-                old_logprobs_T=batch.old_logprobs_T,
-                advantages_T=batch.advantages_T,
+                old_logprobs_T=old_logprobs_T,
+                advantages_T=advantages_T,
                 is_guided_T=batch.is_guided_T,
                 ref_logprobs_T=ref_logprobs_T,
                 gamma=gamma,
@@ -172,46 +170,29 @@ class MegatronPolicy:
             )
             for seqs in mini_batch_sequences(batch.group_ids_S, self.train_config.mini_batches_per_step)
         ]
-        metrics["guide/shaping_gamma"] = gamma
-        return steps, metrics
+        return plans, metrics
 
-    def train(self, batch: TrainBatch) -> dict[str, float]:
-        """One RL step on the batch: one optimizer step per mini-batch; metrics are averaged over mini-batches,
-        except `train/nonfinite_skipped`, the number of optimizer steps skipped for a non-finite loss or gradient."""
-        steps, metrics = self.plan_step(batch)
-        totals: dict[str, float] = {}
-        for step in steps:
-            for name, value in self._optimizer_step(batch, step).items():
-                share = value if name == NONFINITE_SKIPPED else value / len(steps)
-                totals[name] = totals.get(name, 0.0) + share
-        return {**metrics, **totals}
+    def train(self, batch: TrainBatch, *, old_logprobs_T: torch.Tensor, advantages_T: torch.Tensor) -> dict:
+        """One RL step on the batch: one optimizer step per mini-batch of whole groups. Returns the Guide metrics,
+        the loss metrics averaged over mini-batches and `actor/nonfinite_skipped` (see ModelRunner)."""
+        plans, metrics = self.plan_mini_batches(batch, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
+        mini_batches = [(plan.seqs, self.loss_fn(plan)) for plan in plans]
+        return metrics | self.runner.train_mini_batches(batch, mini_batches, prefix="actor", loss_name="loss")
 
-    def accumulate_gradients(self, batch: TrainBatch, step: StepTensors) -> list[dict[str, torch.Tensor]]:
-        """Zero, then fill the (data-parallel reduced) gradients of the mini-batch's loss; loss_fn outputs."""
-        loss_fn = make_policy_loss_fn(
+    def loss_fn(self, inputs: LossInputs):
+        """The schedule's loss function for one mini-batch (Guide surrogate, KL and entropy terms)."""
+        return make_policy_loss_fn(
             self.module.output_weight,
-            step,
+            inputs,
             self.algorithm,
             vocab_size=self.arch.vocab_size,
             sequence_parallel=self.config.sequence_parallel,
             temperature=self.temperature,
         )
-        return self.runner.accumulate_gradients(batch, step.seqs, loss_fn)
-
-    def _optimizer_step(self, batch: TrainBatch, step: StepTensors) -> dict[str, float]:
-        outputs = self.accumulate_gradients(batch, step)
-        metrics = reduce_step_metrics(outputs, device=self.layout.device) if self.layout.is_last_stage else None
-        metrics = broadcast_object_from_last_stage(metrics)
-        update = self.runner.optimizer_step_if_finite(metrics.get("loss", 0.0))
-        if update is None:
-            logger.warning("non-finite loss (%s) or gradient: optimizer step skipped", metrics.get("loss"))
-            return {**metrics, "actor/update_skipped": 1.0, NONFINITE_SKIPPED: 1.0}
-        self.optimizer_steps += int(not update["update_skipped"])
-        return {**metrics, **{f"actor/{name}": value for name, value in update.items()}, NONFINITE_SKIPPED: 0.0}
 
     def save_checkpoint(self, root: str | Path, step: int, *, extra: dict | None = None) -> Path:
         """Atomic Megatron distributed checkpoint `<root>/step_<step>` (collective)."""
-        extra = {"optimizer_steps": self.optimizer_steps, **(extra or {})}
+        extra = {"optimizer_steps": self.runner.optimizer_steps, **(extra or {})}
         return save_checkpoint(
             root,
             step,
@@ -231,7 +212,7 @@ class MegatronPolicy:
             scheduler=self.runner.scheduler,
             layout=self.layout,
         )
-        self.optimizer_steps = extra.get("optimizer_steps", 0)
+        self.runner.optimizer_steps = extra.get("optimizer_steps", 0)
         return step, extra
 
     def save_hf(self, out_dir: str | Path) -> Path:

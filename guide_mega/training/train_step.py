@@ -21,25 +21,30 @@ from guide_mega.algorithms.losses import (
     PolicyLossOptions,
     aggregate_loss,
     combine_token_losses,
+    importance_ratio,
     kl_penalty,
-    policy_loss,
+    policy_loss_metrics,
+    shaping_gamma,
 )
-from guide_mega.config import AlgorithmConfig
+from guide_mega.config import AlgorithmConfig, GuideConfig
+from guide_mega.kernels.policy_loss import policy_loss as fused_policy_loss
 from guide_mega.training.logprobs import micro_batch_logprobs
 from guide_mega.training.micro_batches import MicroBatch
 
 
-@dataclass(kw_only=True)
-class StepTensors:
-    """A mini-batch's sequences, the loss inputs for the whole batch [T], and the mini-batch's normalisers."""
+@dataclass(frozen=True, kw_only=True)
+class LossInputs:
+    """What the policy loss of one mini-batch needs beyond the model: its sequences, the batch's per-token inputs
+    [T], and the mini-batch's normalisers."""
 
     seqs: list[int]
     old_logprobs_T: torch.Tensor
     advantages_T: torch.Tensor
     is_guided_T: torch.Tensor
     ref_logprobs_T: torch.Tensor | None
-    gamma: float
-    """Shaping gamma for guided tokens, computed once per step (so that it is split-invariant)."""
+    gamma: float | None
+    """Shaping gamma of the whole step (algorithm.guide.gamma_scope=global), or None: each micro-batch takes the
+    quantile of its own guided ratios at the current policy (gamma_scope=micro_batch, as the authors' code)."""
     global_num_tokens: float
     global_num_seqs: float
 
@@ -52,63 +57,65 @@ def loss_options(algorithm: AlgorithmConfig) -> PolicyLossOptions:
         clip_high=algorithm.clip_high,
         dual_clip=algorithm.dual_clip,
         off_policy=guide.off_policy,
-        guided_clip_low=guide.clip_low,
-        guided_clip_high=guide.clip_high,
+        off_policy_clip_low=guide.off_policy_clip_low,
+        off_policy_clip_high=guide.off_policy_clip_high,
         truncated_is_cap=guide.truncated_is_cap,
     )
 
 
+def micro_batch_gamma(
+    logprobs_N: torch.Tensor, old_logprobs_N: torch.Tensor, is_guided_N: torch.Tensor, *, guide: GuideConfig
+) -> torch.Tensor:
+    """The shaping gamma of one micro-batch: the quantile of its guided tokens' ratios at the current policy."""
+    quantile = guide.gamma_quantile if guide.gamma == "quantile" else None
+    ratio_N = importance_ratio(logprobs_N.detach(), old_logprobs_N)
+    return shaping_gamma(ratio_N, is_guided_N, quantile=quantile, constant=guide.gamma_constant)
+
+
 def make_policy_loss_fn(
     weight_fn: Callable[[], torch.Tensor],
-    step: StepTensors,
+    inputs: LossInputs,
     algorithm: AlgorithmConfig,
     *,
     vocab_size: int,
     sequence_parallel: bool,
     temperature: float = 1.0,
 ) -> Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """loss_fn(hidden_SBH, micro_batch) -> (normalised loss, metrics) for `forward.run_schedule`."""
+    """loss_fn(hidden_SBH, micro_batch) -> (normalised loss, metrics) for `forward.run_schedule`.
+
+    The Guide surrogate is the fused kernel `guide_mega.kernels.policy_loss` (Triton on CUDA, its closed-form
+    torch pass on CPU), whose reference is `algorithms.losses.policy_loss`; its metrics come from the same inputs.
+    """
     options = loss_options(algorithm)
 
     def loss_fn(hidden_SBH: torch.Tensor, micro_batch: MicroBatch):
-        token_logprobs = micro_batch_logprobs(
-            hidden_SBH,
-            weight_fn(),
-            micro_batch,
-            vocab_size=vocab_size,
-            sequence_parallel=sequence_parallel,
-            temperature=temperature,
-            with_entropy=True,
-        )
-        logprobs_N, entropy_N = token_logprobs
-        device = logprobs_N.device
-        index_N = micro_batch.token_index_N
+        logprobs_N, entropy_N = micro_batch_logprobs(
+            hidden_SBH, weight_fn(), micro_batch, vocab_size=vocab_size, sequence_parallel=sequence_parallel,
+            temperature=temperature, with_entropy=True,
+        )  # fmt: skip
+        device, index_N = logprobs_N.device, micro_batch.token_index_N
+        old_N = inputs.old_logprobs_T[index_N].to(device, torch.float32)
+        advantages_N = inputs.advantages_T[index_N].to(device, torch.float32)
+        guided_N = inputs.is_guided_T[index_N].to(device)
         mask_N = torch.ones_like(logprobs_N, dtype=torch.bool)
-        pg_loss_N, metrics = policy_loss(
-            logprobs_N,
-            step.old_logprobs_T[index_N].to(device),
-            step.advantages_T[index_N].to(device, torch.float32),
-            mask_N,
-            step.is_guided_T[index_N].to(device),
-            options=options,
-            gamma=step.gamma,
-        )
+        gamma = inputs.gamma
+        if gamma is None:
+            gamma = micro_batch_gamma(logprobs_N, old_N, guided_N, guide=algorithm.guide)
+        pg_loss_N = fused_policy_loss(logprobs_N, old_N, advantages_N, mask_N, guided_N, options=options, gamma=gamma)
+        metrics = policy_loss_metrics(logprobs_N, old_N, advantages_N, pg_loss_N, mask_N, guided_N, options=options)
+        metrics["guide/shaping_gamma"] = torch.as_tensor(gamma, dtype=torch.float32)
         kl_N = None
-        if step.ref_logprobs_T is not None:
-            kl_N = kl_penalty(logprobs_N, step.ref_logprobs_T[index_N].to(device), estimator=algorithm.kl_estimator)
+        if inputs.ref_logprobs_T is not None:
+            kl_N = kl_penalty(logprobs_N, inputs.ref_logprobs_T[index_N].to(device), estimator=algorithm.kl_estimator)
             metrics["actor/kl"] = kl_N.detach().mean()
         total_N = combine_token_losses(
             pg_loss_N, kl_T=kl_N, kl_coef=algorithm.kl_coef, entropy_T=entropy_N, entropy_coef=algorithm.entropy_coef
         )
         loss = aggregate_loss(
-            total_N,
-            mask_N,
-            micro_batch.seq_ids_N,
-            mode=algorithm.loss_aggregation,
-            global_num_tokens=step.global_num_tokens,
-            global_num_seqs=step.global_num_seqs,
+            total_N, mask_N, micro_batch.seq_ids_N, mode=algorithm.loss_aggregation,
+            global_num_tokens=inputs.global_num_tokens, global_num_seqs=inputs.global_num_seqs,
             token_sum_scale=algorithm.token_sum_scale,
-        )
+        )  # fmt: skip
         metrics["actor/entropy"] = entropy_N.detach().mean()
         metrics["actor/logprob_mean"] = logprobs_N.detach().mean()
         return loss, {"loss": loss.detach(), "num_tokens": torch.tensor(float(logprobs_N.numel())), **metrics}
@@ -138,6 +145,7 @@ def gradients_are_finite(model_chunks: list[torch.nn.Module], *, device: torch.d
 # How each metric combines over micro-batches and data-parallel ranks: counts and the loss add up, extremes take
 # max/min, and per-micro-batch means are weighted by the micro-batch's token count.
 _SUMMED = ("loss", "critic/loss", "num_tokens", "actor/on_policy_tokens", "actor/off_policy_tokens")
+# guide/shaping_gamma is a per-micro-batch value under gamma_scope=micro_batch: its token-weighted mean is logged.
 _MAXED = ("actor/ratio_max",)
 _MINNED = ("actor/ratio_min",)
 

@@ -41,7 +41,7 @@ def _guided_with_grad(ratio_T, advantages_T, gamma_T, options: PolicyLossOptions
         return -advantages_T * ratio_T / denominator_T, grad_ratio_T * ratio_T
     if options.off_policy == "clip":
         loss_T, grad_ratio_T = _clipped_surrogate_with_grad(
-            ratio_T, advantages_T, options.guided_clip_low, options.guided_clip_high
+            ratio_T, advantages_T, options.off_policy_clip_low, options.off_policy_clip_high
         )
         return loss_T, grad_ratio_T * ratio_T
     if options.off_policy == "truncated_is":

@@ -20,7 +20,8 @@ Impl = Literal["auto", "triton", "torch", "reference"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
 
 
-def _resolve_impl(impl: str, logprobs_T: torch.Tensor) -> str:
+def resolve_impl(impl: str, logprobs_T: torch.Tensor) -> str:
+    """The concrete implementation ('triton', 'torch' or 'reference') that `impl` runs on this input."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -55,7 +56,7 @@ def policy_loss_with_grad(
     """
     tensors = (logprobs_T, old_logprobs_T, advantages_T, loss_mask_T, is_guided_T)
     _check_shapes(tensors)
-    resolved = _resolve_impl(impl, logprobs_T)
+    resolved = resolve_impl(impl, logprobs_T)
     if resolved == "reference":
         raise ValueError("impl='reference' is autograd-only: call policy_loss(..., impl='reference')")
     if resolved == "triton":
@@ -98,7 +99,7 @@ def policy_loss(
     Equals `guide_mega.algorithms.losses.policy_loss(..., gamma=gamma)[0]` in value and gradient; old logprobs,
     advantages and gamma are treated as constants.
     """
-    if _resolve_impl(impl, logprobs_T) == "reference":
+    if resolve_impl(impl, logprobs_T) == "reference":
         tensors = (logprobs_T, old_logprobs_T, advantages_T, loss_mask_T, is_guided_T)
         _check_shapes(tensors)
         return policy_loss_reference(*tensors, options=options, gamma=gamma)

@@ -39,8 +39,8 @@ def _policy_loss_kernel(
     clip_low,
     clip_high,
     dual_clip,
-    guided_clip_low,
-    guided_clip_high,
+    off_policy_clip_low,
+    off_policy_clip_high,
     truncated_is_cap,
     max_log_ratio,
     OFF_POLICY: tl.constexpr,
@@ -74,7 +74,7 @@ def _policy_loss_kernel(
         off_loss = -advantages * ratio / denominator
         off_grad = -advantages * gamma / (denominator * denominator) * ratio
     elif OFF_POLICY == 1:
-        off_loss, off_grad = _clipped_surrogate(ratio, advantages, guided_clip_low, guided_clip_high)
+        off_loss, off_grad = _clipped_surrogate(ratio, advantages, off_policy_clip_low, off_policy_clip_high)
         off_grad = off_grad * ratio
     elif OFF_POLICY == 2:
         off_loss = -advantages * tl.minimum(ratio, truncated_is_cap)
@@ -126,8 +126,8 @@ def policy_loss_with_grad_triton(
         options.clip_low,
         options.clip_high,
         0.0 if options.dual_clip is None else options.dual_clip,
-        options.guided_clip_low,
-        options.guided_clip_high,
+        options.off_policy_clip_low,
+        options.off_policy_clip_high,
         options.truncated_is_cap,
         MAX_LOG_RATIO,
         OFF_POLICY=OFF_POLICY_MODES.index(options.off_policy),

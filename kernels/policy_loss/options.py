@@ -17,8 +17,8 @@ class PolicyLossOptionsLike(Protocol):
     clip_high: float
     dual_clip: float | None
     off_policy: str
-    guided_clip_low: float
-    guided_clip_high: float
+    off_policy_clip_low: float
+    off_policy_clip_high: float
     truncated_is_cap: float
 
 

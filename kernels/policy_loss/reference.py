@@ -6,7 +6,7 @@ Shape legend: T tokens. With lr = clamp(logprob - old_logprob, -20, 20), r = exp
       L = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));  L = -A c  where A < 0 and L > -A c  (dual_clip=c)
   guided tokens (is_guided true), by off_policy:
       shaping:       L = -A r / (r + gamma)                 (gamma a given constant)
-      clip:          L = max(-A r, -A clip(r, 1 - guided_clip_low, 1 + guided_clip_high))
+      clip:          L = max(-A r, -A clip(r, 1 - off_policy_clip_low, 1 + off_policy_clip_high))
       truncated_is:  L = -A sg(min(r, cap)) exp(lr - sg(lr))   (value -A min(r, cap); gradient -A min(r, cap))
       none:          L = -A r
   masked tokens (loss_mask false): L = 0, no gradient.
@@ -29,7 +29,7 @@ def _guided_loss(ratio_T, log_ratio_T, advantages_T, gamma_T, options: PolicyLos
     if options.off_policy == "shaping":
         return -advantages_T * ratio_T / (ratio_T + gamma_T)
     if options.off_policy == "clip":
-        return _clipped_surrogate(ratio_T, advantages_T, options.guided_clip_low, options.guided_clip_high)
+        return _clipped_surrogate(ratio_T, advantages_T, options.off_policy_clip_low, options.off_policy_clip_high)
     if options.off_policy == "truncated_is":
         weight_T = ratio_T.detach().clamp(max=options.truncated_is_cap)
         return -advantages_T * weight_T * torch.exp(log_ratio_T - log_ratio_T.detach())

@@ -4,6 +4,7 @@ from .dispatch import (
     IMPLS,
     logprob_partials,
     logprob_partials_from_logits,
+    resolve_impl,
     token_logprobs,
     token_logprobs_from_logits,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "combine_partials",
     "logprob_partials",
     "logprob_partials_from_logits",
+    "resolve_impl",
     "token_logprobs",
     "token_logprobs_from_logits",
     "token_logprobs_reference",

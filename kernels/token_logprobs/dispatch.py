@@ -28,8 +28,8 @@ IMPLS: tuple[str, ...] = ("auto", "triton", "chunked", "reference")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _resolve_impl(impl: str, tensor: torch.Tensor) -> str:
-    """The concrete implementation for `impl` and this input."""
+def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
+    """The concrete implementation ('triton', 'chunked' or 'reference') that `impl` runs on this input."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -75,7 +75,7 @@ def logprob_partials(
         )
     _check_targets(target_ids_T, hidden_TH.shape[0], temperature)
     options = {"temperature": temperature, "vocab_start": vocab_start, "with_entropy": with_entropy}
-    resolved = _resolve_impl(impl, hidden_TH)
+    resolved = resolve_impl(impl, hidden_TH)
     if resolved == "triton":
         return _triton_kernels("kernel").logprob_partials_triton(hidden_TH, weight_VH, target_ids_T, **options)
     if resolved == "chunked":
@@ -97,7 +97,7 @@ def logprob_partials_from_logits(
         raise ValueError(f"logits_TV must be [T, V], got {tuple(logits_TV.shape)}")
     _check_targets(target_ids_T, logits_TV.shape[0], temperature)
     options = {"temperature": temperature, "vocab_start": vocab_start, "with_entropy": with_entropy}
-    resolved = _resolve_impl(impl, logits_TV)
+    resolved = resolve_impl(impl, logits_TV)
     if resolved == "triton":
         return _triton_kernels("logits_kernel").logprob_partials_from_logits_triton(logits_TV, target_ids_T, **options)
     if resolved == "chunked":

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from guide_mega.algorithms.advantages import group_advantages_reference
+from guide_mega.algorithms.filtering import keep_groups_with_variance
 from guide_mega.algorithms.guide import (
-    filter_groups_by_success,
     find_unsolved_groups,
     guide_metrics,
     hint_reliance,
@@ -78,8 +78,8 @@ def test_plan_hints_counts_prompts_without_hint():
 def test_merge_replace_trains_guided_rollouts_under_hint_free_prompt():
     groups = [_group("a", [False] * 4), _group("b", [True, False, True, False])]
     guided = {0: _group("a", [True, False, False, False], guided=True)}
-    merged = merge_guided_groups(groups, guided, mode="replace")
-    assert merged[1] is groups[1]
+    merged, dropped = merge_guided_groups(groups, guided, mode="replace")
+    assert merged[1] is groups[1] and dropped == []
     assert len(merged[0].rollouts) == 4 and merged[0].is_guided
     for rollout in merged[0].rollouts:
         assert rollout.is_guided
@@ -92,7 +92,7 @@ def test_merge_replace_trains_guided_rollouts_under_hint_free_prompt():
 
 def test_merge_pool_normalises_over_failed_and_guided_samples():
     groups = [_group("a", [False] * 4)]
-    merged = merge_guided_groups(groups, {0: _group("a", [True, True, False, False], guided=True)}, mode="pool")
+    merged, _ = merge_guided_groups(groups, {0: _group("a", [True, True, False, False], guided=True)}, mode="pool")
     assert len(merged[0].rollouts) == 8
     assert [r.is_guided for r in merged[0].rollouts] == [False] * 4 + [True] * 4
     rewards, ids = _rewards_and_ids(merged)
@@ -112,15 +112,33 @@ def test_no_unsolved_group_reduces_exactly_to_grpo():
     unsolved = find_unsolved_groups(groups)
     assert unsolved == []
     plan = plan_hints(groups, unsolved)
-    merged = merge_guided_groups(groups, {}, mode="replace")
-    assert merged == groups and plan.group_indices == []
+    merged, dropped = merge_guided_groups(groups, {}, mode="replace")
+    assert merged == groups and dropped == [] and plan.group_indices == []
     assert not any(r.is_guided for g in merged for r in g.rollouts)
 
 
-def test_filter_groups_by_success():
+def test_keep_groups_with_variance_counts_what_it_drops():
     groups = [_group("a", [False] * 2), _group("b", [True, False]), _group("c", [True, True])]
-    kept, dropped = filter_groups_by_success(groups, low=0.001, high=0.999)
-    assert [g.prompt.id for g in kept] == ["b"] and [g.prompt.id for g in dropped] == ["a", "c"]
+    kept, metrics = keep_groups_with_variance(groups)
+    assert [g.prompt.id for g in kept] == ["b"]
+    assert metrics.as_dict() == {"filter/num_groups_dropped": 2.0}
+
+
+def test_equal_reward_guided_groups_are_dropped_before_merging_in_replace_mode():
+    """replace: an all-wrong (or all-right) guided group alone has no signal; the failed group stays."""
+    groups = [_group("a", [False] * 4), _group("b", [False] * 4)]
+    guided = {0: _group("a", [False] * 4, guided=True), 1: _group("b", [True, False, False, False], guided=True)}
+    merged, dropped = merge_guided_groups(groups, guided, mode="replace", drop_equal_rewards=True)
+    assert dropped == [0] and merged[0] is groups[0] and merged[1].is_guided
+
+
+def test_pool_mode_keeps_an_all_correct_guided_wave_beside_an_all_wrong_first_wave():
+    """pool: the filter looks at the merged group; [0,0,0,0,1,1,1,1] is a strong signal, not a zero-variance one."""
+    groups = [_group("a", [False] * 4), _group("b", [False] * 4)]
+    guided = {0: _group("a", [True] * 4, guided=True), 1: _group("b", [False] * 4, guided=True)}
+    merged, dropped = merge_guided_groups(groups, guided, mode="pool", drop_equal_rewards=True)
+    assert dropped == [1] and merged[1] is groups[1]
+    assert merged[0].rewards == [0.0] * 4 + [1.0] * 4
 
 
 def test_hint_reliance_hand_computed():
@@ -140,7 +158,7 @@ def test_guide_metrics_counts():
     unsolved = find_unsolved_groups(groups)
     plan = plan_hints(groups, unsolved)
     guided = {0: _group("a", [True, False], guided=True)}
-    metrics = guide_metrics(groups, unsolved, plan, guided)
+    metrics = guide_metrics(groups, unsolved, plan, guided, dropped=[]).as_dict()
     assert metrics["guide/num_unsolved_groups"] == 2
     assert metrics["guide/num_unsolved_without_hint"] == 1
     assert metrics["guide/guided_groups_solved"] == 1

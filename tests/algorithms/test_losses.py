@@ -74,6 +74,28 @@ def test_masked_quantile_excludes_padding():
     assert math.isnan(masked_quantile(values_T, torch.zeros(6, dtype=torch.bool), 0.5).item())
 
 
+@pytest.mark.parametrize("q", [0.0, 0.37, 0.9, 1.0])
+def test_masked_quantile_matches_torch_quantile_on_random_values(q):
+    generator = torch.Generator().manual_seed(7)
+    for size in (1, 2, 5, 1000):
+        values_T = torch.randn(size, dtype=torch.float64, generator=generator)
+        mask_T = torch.rand(size, generator=generator) < 0.7
+        mask_T[0] = True
+        expected = torch.quantile(values_T[mask_T], q)
+        assert masked_quantile(values_T, mask_T, q).item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_masked_quantile_is_exact_beyond_torch_quantiles_size_limit():
+    """A large step has more guided tokens than torch.quantile accepts (2^24); gamma must still be exact."""
+    size = (1 << 24) + 1001  # torch.quantile raises "input tensor is too large" from 2^24 + 1 values on
+    # A permutation of 0..size-1 (7919 is prime and does not divide size), scaled to the grid k / (size - 1).
+    values_T = (torch.arange(size, dtype=torch.int64) * 7919 % size).double() / (size - 1)
+    mask_T = torch.ones(size, dtype=torch.bool)
+    # The values are the grid k / (size - 1): their linearly interpolated q-quantile is q itself.
+    assert masked_quantile(values_T, mask_T, 0.9).item() == pytest.approx(0.9, abs=1e-12)
+    assert masked_quantile(values_T.float(), mask_T, 0.25).dtype == torch.float32
+
+
 def test_shaping_with_masked_quantile_gamma():
     ratios = torch.tensor([0.1, 0.2, 0.4, 0.8, 1.6, 9.0, 9.0], dtype=torch.float64)
     logprobs_T = ratios.log().requires_grad_()
@@ -102,7 +124,7 @@ def test_shaping_gamma_constant_and_floor():
 
 
 def test_guided_clip_truncated_is_and_none():
-    clip = PolicyLossOptions(off_policy="clip", guided_clip_low=0.5, guided_clip_high=0.5)
+    clip = PolicyLossOptions(off_policy="clip", off_policy_clip_low=0.5, off_policy_clip_high=0.5)
     loss, grad, _ = _loss_and_grad([0.1, 1.0, 2.0], 1.0, guided=True, options=clip)
     torch.testing.assert_close(loss, torch.tensor([-0.1, -1.0, -1.5], dtype=torch.float64))
     torch.testing.assert_close(grad, torch.tensor([-0.1, -1.0, 0.0], dtype=torch.float64))
@@ -132,7 +154,7 @@ def test_guide_gradient_is_importance_weighted_policy_gradient(off_policy):
     logprobs_T = _toy_policy_logprobs(theta_CV, hint_free_C, targets_T)
     advantages_T = torch.tensor([1.5, 1.5, -0.5, -0.5], dtype=torch.float64)
     options = PolicyLossOptions(
-        off_policy=off_policy, guided_clip_low=0.99, guided_clip_high=100.0, truncated_is_cap=100
+        off_policy=off_policy, off_policy_clip_low=0.99, off_policy_clip_high=100.0, truncated_is_cap=100
     )
     loss_T, _ = policy_loss(
         logprobs_T, old_logprobs_T, advantages_T, torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool),

@@ -58,8 +58,8 @@ def test_matches_losses_policy_loss(impl, off_policy, dual_clip, device):
         clip_high=0.28,
         dual_clip=dual_clip,
         off_policy=off_policy,
-        guided_clip_low=0.1,
-        guided_clip_high=0.5,
+        off_policy_clip_low=0.1,
+        off_policy_clip_high=0.5,
         truncated_is_cap=1.5,
     )
     assert_matches_losses(make_batch(3000, device), options, torch.tensor(0.7, device=device), impl)
@@ -83,14 +83,14 @@ def _boundary_batch(device):
 @pytest.mark.parametrize("off_policy", OFF_POLICY_MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_matches_losses_at_clip_boundaries(impl, off_policy, dual_clip, device):
-    """clip_high=0 and guided_clip_low=0 put a clip bound exactly at r = 1, where max() ties and clamp passes."""
+    """clip_high=0 and off_policy_clip_low=0 put a clip bound exactly at r = 1, where max() ties and clamp passes."""
     options = PolicyLossOptions(
         clip_low=0.2,
         clip_high=0.0,
         dual_clip=dual_clip,
         off_policy=off_policy,
-        guided_clip_low=0.0,
-        guided_clip_high=0.3,
+        off_policy_clip_low=0.0,
+        off_policy_clip_high=0.3,
         truncated_is_cap=1.0,
     )
     assert_matches_losses(_boundary_batch(device), options, 1.0, impl)

@@ -31,7 +31,7 @@ def test_deadline_pool_survives_hang_crash_and_raise():
         assert outcomes[1].status == "error" and "ValueError" in outcomes[1].error
 
 
-def test_reward_pool_scores_groups_in_place():
+def test_reward_pool_returns_scored_copies_of_the_groups():
     prompt = Prompt(id="p0", prompt="17 + 25?", answer="42")
     responses = ["\\boxed{42}", "Answer: 41", "it is 42", "\\boxed{\\frac{84}{2}}"]
     rollouts = [
@@ -40,10 +40,11 @@ def test_reward_pool_scores_groups_in_place():
     ]
     group = RolloutGroup(prompt=prompt, rollouts=rollouts)
     with RewardPool.from_config(RewardConfig(name="math", num_workers=2, timeout_s=10.0)) as pool:
-        results = pool.score_groups([group])
+        (scored,), results = pool.score_groups([group])
         assert [result.correct for result in results] == [True, False, False, True]
-        assert group.rewards == [1.0, 0.0, 0.0, 1.0]
-        assert group.success_rate == 0.5
+        assert scored.rewards == [1.0, 0.0, 0.0, 1.0]
+        assert scored.success_rate == 0.5
+        assert group.rewards == [0.0] * 4 and scored.prompt is prompt
         assert pool.metrics["reward/num_timeouts"] == 0.0
 
 

@@ -71,7 +71,7 @@ def tiny_run_config(unigram_model_dir, say_one_prompts, tmp_path):
         values = {
             "model.path": str(unigram_model_dir), "model.dtype": "float32",
             "rollout.group_size": 4, "rollout.max_new_tokens": 6, "rollout.temperature": 1.0,
-            "algorithm.guide.enabled": True, "algorithm.guide.filter_zero_variance": False,
+            "algorithm.guide.enabled": True, "algorithm.guide.drop_equal_rewards": False,
             "optimizer.lr": 0.05, "data.source": str(say_one_prompts), "data.max_prompt_tokens": 128,
             # A loaded 2-core machine can starve the reward worker for seconds; a timeout would score 0.
             "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1, "reward.timeout_s": 60.0,

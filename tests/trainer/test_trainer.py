@@ -12,7 +12,7 @@ def _config(model_dir, data_path, run_dir, **overrides):
     base = {
         "model.path": str(model_dir), "model.dtype": "float32",
         "rollout.group_size": 4, "rollout.max_new_tokens": 6, "rollout.temperature": 1.0,
-        "algorithm.guide.enabled": True, "algorithm.guide.filter_zero_variance": False,
+        "algorithm.guide.enabled": True, "algorithm.guide.drop_equal_rewards": False,
         "optimizer.lr": 0.05, "data.source": str(data_path), "data.max_prompt_tokens": 128,
         "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1,
         "train.steps": 3, "train.prompts_per_step": 2, "train.micro_batch_tokens": 512,

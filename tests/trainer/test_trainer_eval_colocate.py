@@ -1,11 +1,13 @@
 """Evaluation during training (train.eval_every) and colocated mode's engine sleep/wake, on the tiny unigram Llama
 with the real HF engine, reward pool and Megatron policy."""
 
+import dataclasses
 import json
 
 from guide_mega.evaluation.metrics_file import read_metrics
 from guide_mega.evaluation.passk import EvalResults
-from guide_mega.trainer import build_trainer, run_training
+from guide_mega.trainer import Trainer, build_trainer, run_training
+from guide_mega.training.checkpoint import weight_fingerprint
 
 
 def test_eval_every_logs_held_out_metrics_and_keeps_results(tiny_run_config, tmp_path):
@@ -31,19 +33,48 @@ def test_eval_every_logs_held_out_metrics_and_keeps_results(tiny_run_config, tmp
     assert not (run_dir / "eval" / "step_1.json").exists()
 
 
+class RecordingEngine:
+    """The real engine, wrapped to note each call with the policy's weight fingerprint at that moment."""
+
+    def __init__(self, engine, fingerprint):
+        self.engine, self.fingerprint, self.calls = engine, fingerprint, []
+
+    def _note(self, name):
+        self.calls.append((name, self.fingerprint()))
+
+    def generate(self, requests, sampling):
+        self._note("generate")
+        return self.engine.generate(requests, sampling)
+
+    def update_weights(self, named_tensors):
+        self._note("update_weights")
+        return self.engine.update_weights(named_tensors)
+
+    def sleep(self):
+        self._note("sleep")
+        return self.engine.sleep()
+
+    def wake(self):
+        self._note("wake")
+        return self.engine.wake()
+
+    def close(self):
+        return self.engine.close()
+
+
 def test_colocated_engine_sleeps_while_the_policy_trains(tiny_run_config):
-    trainer = build_trainer(tiny_run_config("colocated", **{"train.colocate": True, "train.steps": 1}))
-    engine, calls = trainer.collector.engine, []
-    for name in ("generate", "sleep", "wake", "update_weights"):
-        original = getattr(engine, name)
-        setattr(engine, name, lambda *args, _name=name, _original=original: calls.append(_name) or _original(*args))
-    policy_train = trainer.policy.train
-    trainer.policy.train = lambda batch: calls.append("train") or policy_train(batch)
+    """The policy's weights change only while the engine sleeps; the engine is awake again before the sync."""
+    built = build_trainer(tiny_run_config("colocated", **{"train.colocate": True, "train.steps": 1}))
+    engine = RecordingEngine(built.rollout.engine, lambda: weight_fingerprint(built.policy.module))
+    rollout = dataclasses.replace(built.rollout, engine=engine)
+    trainer = Trainer(built.config, policy=built.policy, critic=None, rollout=rollout, run_log=built.run_log)
     try:
         trainer.fit()
     finally:
         trainer.close()
-    first_train = calls.index("train")
-    assert calls[first_train - 1] == "sleep" and calls[first_train + 1] == "wake"
-    assert calls.index("update_weights") > calls.index("wake")
-    assert "generate" not in calls[calls.index("sleep") : calls.index("wake")]
+    names = [name for name, _ in engine.calls]
+    sleep, wake = names.index("sleep"), names.index("wake")
+    assert "generate" in names[:sleep] and "generate" not in names[sleep:wake]
+    assert engine.calls[sleep][1] != engine.calls[wake][1], "the policy did not train while the engine slept"
+    assert names.index("update_weights") > wake
+    assert {fingerprint for name, fingerprint in engine.calls if name == "update_weights"} == {engine.calls[wake][1]}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from policy_probes import critic_values_after_steps, loss_and_gradients, make_critic, make_policy  # noqa: E402
+from policy_probes import critic_values_after_steps, loss_and_gradients, make_critic, make_policy, train_step  # noqa: E402
 from tiny_models import make_train_batch  # noqa: E402
 
 from guide_mega.training.checkpoint import list_checkpoints  # noqa: E402
@@ -44,7 +44,7 @@ def _reimport_is_bit_exact(policy, export_dir: Path) -> bool:
 
 def run_layout(out_dir: Path, tensor: int, pipeline: int, families: dict[str, str]) -> None:
     for family, checkpoint_dir in families.items():
-        batch = make_train_batch()  # fresh per family: the step fills in this policy's old logprobs
+        batch = make_train_batch()
         policy = make_policy(checkpoint_dir, tensor=tensor, pipeline=pipeline, micro_batch_tokens=_MICRO_BATCH_TOKENS)
         results = {
             "logprobs_train": policy.compute_logprobs(batch, context="train"),
@@ -68,13 +68,12 @@ def run_checkpoint(out_dir: Path, phase: str, checkpoint_root: Path, model_dir: 
     losses = {}
     if phase == "run":
         for step in (1, 2, 3):
-            losses[step] = policy.train(batch)["loss"]
-            batch.old_logprobs_T = None
+            losses[step] = train_step(policy, batch)["loss"]  # old logprobs recomputed at each step's start
             if step == 2:
                 policy.save_checkpoint(checkpoint_root, step)
     else:
         step, _ = policy.load_checkpoint(list_checkpoints(checkpoint_root)[-1])
-        losses[step + 1] = policy.train(batch)["loss"]
+        losses[step + 1] = train_step(policy, batch)["loss"]
     if dist.get_rank() == 0:
         torch.save(losses, out_dir / f"checkpoint_{phase}.pt")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tiny_models import tiny_advantages_T
 
 from guide_mega.config import AlgorithmConfig, GuideConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.forward import broadcast_object_from_last_stage
@@ -30,9 +31,11 @@ def make_policy(
     mini_batches: int = 1,
     share_prompts: bool = True,
     dtype: str = "float32",
+    gamma_scope: str = "global",
 ) -> MegatronPolicy:
     """A Guide-GRPO policy (shaping for guided tokens, fp32 unless told) on the tiny checkpoint."""
-    algorithm = AlgorithmConfig(loss_aggregation=loss_aggregation, guide=GuideConfig(enabled=True))
+    guide = GuideConfig(enabled=True, gamma_scope=gamma_scope)
+    algorithm = AlgorithmConfig(loss_aggregation=loss_aggregation, guide=guide)
     return MegatronPolicy(
         model=ModelConfig(path=str(checkpoint_dir), dtype=dtype),
         parallel=ParallelConfig(tensor=tensor, pipeline=pipeline),
@@ -54,11 +57,19 @@ def _finalize_with_all_reduce(model_chunks, num_tokens=None, **kwargs):
     finalize_grads_without_token_scaling(model_chunks, num_tokens, **{**kwargs, "force_all_reduce": True})
 
 
+def train_step(policy: MegatronPolicy, batch, *, old_logprobs_T=None, advantages_T=None) -> dict[str, float]:
+    """policy.train on a tiny batch: old logprobs computed now and `tiny_advantages_T` unless given."""
+    old_logprobs_T = policy.compute_old_logprobs(batch) if old_logprobs_T is None else old_logprobs_T
+    advantages_T = tiny_advantages_T(batch) if advantages_T is None else advantages_T
+    return policy.train(batch, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
+
+
 def loss_and_gradients(policy: MegatronPolicy, batch) -> tuple[float, dict[str, torch.Tensor]]:
     """The first mini-batch's loss and its full reduced gradients in HF layout (identical on every rank)."""
-    steps, _ = policy.plan_step(batch)
+    old_logprobs_T = policy.compute_old_logprobs(batch)
+    plans, _ = policy.plan_mini_batches(batch, old_logprobs_T=old_logprobs_T, advantages_T=tiny_advantages_T(batch))
     policy.config.finalize_model_grads_func = _finalize_with_all_reduce
-    outputs = policy.accumulate_gradients(batch, steps[0])
+    outputs = policy.runner.accumulate_gradients(batch, plans[0].seqs, policy.loss_fn(plans[0]))
     metrics = reduce_step_metrics(outputs, device=policy.layout.device) if policy.layout.is_last_stage else None
     metrics = broadcast_object_from_last_stage(metrics)
     gradients = {
@@ -73,7 +84,7 @@ def make_critic(checkpoint_dir: str | Path, *, tensor: int = 1, pipeline: int = 
     from guide_mega.training.critic import MegatronCritic
 
     return MegatronCritic(
-        model=ModelConfig(path=str(checkpoint_dir), dtype=dtype),
+        model=ModelConfig(path=str(checkpoint_dir), dtype="float32"),
         parallel=ParallelConfig(tensor=tensor, pipeline=pipeline),
         algorithm=AlgorithmConfig(estimator="gae", loss_aggregation="token_mean", value_clip=None),
         optimizer=OptimizerConfig(critic_lr=1e-2, grad_clip=0.0),

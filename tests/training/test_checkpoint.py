@@ -39,10 +39,10 @@ def test_incomplete_and_pruned_checkpoints(tmp_path):
 
 
 def test_load_refuses_corrupted_weights(tiny_checkpoints, tmp_path, single_process_megatron):
-    from policy_probes import make_policy
+    from policy_probes import make_policy, train_step
 
     policy = make_policy(tiny_checkpoints["llama"])
-    policy.train(make_train_batch())
+    train_step(policy, make_train_batch())
     path = policy.save_checkpoint(tmp_path, 1)
     metadata = json.loads((path / METADATA_FILE).read_text())
     metadata["weight_fingerprint"] *= 1.01
@@ -55,38 +55,53 @@ def test_load_refuses_corrupted_weights(tiny_checkpoints, tmp_path, single_proce
 
 
 def test_hf_export_after_training_loads_in_transformers(tiny_checkpoints, tmp_path, single_process_megatron):
-    from policy_probes import make_policy
+    from policy_probes import make_policy, train_step
     from tiny_models import hf_response_logprobs
     from transformers import AutoModelForCausalLM
 
     policy = make_policy(tiny_checkpoints["qwen3"])
     batch = make_train_batch()
-    policy.train(batch)
+    train_step(policy, batch)
     exported = AutoModelForCausalLM.from_pretrained(policy.save_hf(tmp_path / "hf")).eval()
     hf_T = hf_response_logprobs(exported, batch)
     assert (policy.compute_logprobs(batch) - hf_T).abs().max() <= 1e-4
     assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / ".tmp_hf").exists()
 
 
+def _stepper(batch, old_logprobs_T):
+    """step(policy) -> (loss, weight fingerprint) of one update on `batch` with fixed old logprobs."""
+    from policy_probes import train_step
+
+    from guide_mega.training.checkpoint import weight_fingerprint
+
+    def step(policy):
+        loss = train_step(policy, batch, old_logprobs_T=old_logprobs_T)["loss"]
+        return loss, weight_fingerprint(policy.module)
+
+    return step
+
+
 def _steps_after_resume(tiny_checkpoints, tmp_path, *, steps_before: int) -> None:
     """Train `steps_before` steps, save, train two more; a fresh policy loading the save must take the same two steps
-    (loss and weights equal), and the save itself must move no weight."""
+    (loss and weights equal), and the save itself must move no weight. Every step reuses the old logprobs of the
+    initial weights (PPO epochs on one batch)."""
     from policy_probes import make_policy
 
     from guide_mega.training.checkpoint import weight_fingerprint
 
     batch = make_train_batch()
     saving = make_policy(tiny_checkpoints["llama"])
+    step = _stepper(batch, saving.compute_old_logprobs(batch))
     for _ in range(steps_before):
-        saving.train(batch)
+        step(saving)
     before = weight_fingerprint(saving.module)
     path = saving.save_checkpoint(tmp_path / str(steps_before), steps_before)
     assert weight_fingerprint(saving.module) == before
-    expected = [(saving.train(batch)["loss"], weight_fingerprint(saving.module)) for _ in range(2)]
+    expected = [step(saving) for _ in range(2)]
 
     resumed = make_policy(tiny_checkpoints["llama"])
     assert resumed.load_checkpoint(path)[0] == steps_before
-    assert [(resumed.train(batch)["loss"], weight_fingerprint(resumed.module)) for _ in range(2)] == expected
+    assert [step(resumed) for _ in range(2)] == expected
     return expected
 
 
@@ -103,9 +118,8 @@ def test_a_never_stepped_optimizer_saves_and_resumes_like_a_fresh_one(
     not change the run: its next steps equal those of a policy that never saved."""
     from policy_probes import make_policy
 
-    from guide_mega.training.checkpoint import weight_fingerprint
-
     expected = _steps_after_resume(tiny_checkpoints, tmp_path, steps_before=0)
     never_saved = make_policy(tiny_checkpoints["llama"])
     batch = make_train_batch()
-    assert [(never_saved.train(batch)["loss"], weight_fingerprint(never_saved.module)) for _ in range(2)] == expected
+    step = _stepper(batch, never_saved.compute_old_logprobs(batch))
+    assert [step(never_saved) for _ in range(2)] == expected

@@ -20,7 +20,7 @@ from guide_mega.training.checkpoint import (
 @pytest.fixture(scope="module")
 def saved(tiny_checkpoints, tmp_path_factory):
     """Two real checkpoints (steps 1 and 2) of a trained tiny policy, saved once for the module."""
-    from policy_probes import make_policy
+    from policy_probes import make_policy, train_step
 
     from guide_mega.training.distributed import destroy_parallel
 
@@ -28,7 +28,7 @@ def saved(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     try:
         policy = make_policy(tiny_checkpoints["llama"])
-        policy.train(make_train_batch())
+        train_step(policy, make_train_batch())
         for step in (1, 2):
             policy.save_checkpoint(root, step)
     finally:

@@ -66,10 +66,10 @@ def test_cli_converts_both_ways(tiny_checkpoints, tmp_path, single_process_megat
 
 
 def test_trainer_checkpoint_to_hf(tiny_checkpoints, tmp_path, single_process_megatron):
-    from policy_probes import make_policy
+    from policy_probes import make_policy, train_step
 
     policy = make_policy(tiny_checkpoints["llama"])
-    policy.train(make_train_batch())
+    train_step(policy, make_train_batch())
     checkpoint = policy.save_checkpoint(tmp_path / "checkpoints", 1)
     exported = policy.save_hf(tmp_path / "exported")
     with pytest.raises(ValueError, match="--hf-config"):

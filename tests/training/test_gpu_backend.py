@@ -77,6 +77,9 @@ def test_bf16_guide_steps_decrease_the_loss(tiny_checkpoints, single_process_meg
         train=TrainConfig(micro_batch_tokens=64, prompts_per_step=1),
         total_optimizer_steps=10,
     )
+    from policy_probes import train_step
+
     batch = make_train_batch()
-    losses = [policy.train(batch)["loss"] for _ in range(4)]
+    old_logprobs_T = policy.compute_old_logprobs(batch)
+    losses = [train_step(policy, batch, old_logprobs_T=old_logprobs_T)["loss"] for _ in range(4)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses

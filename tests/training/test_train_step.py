@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from policy_probes import train_step
 from tiny_models import hf_response_logprobs, make_train_batch
 from transformers import AutoModelForCausalLM
 
@@ -83,14 +84,14 @@ def test_guided_samples_use_hinted_old_and_hint_free_current_logprobs(tiny_check
 
     batch = make_train_batch(guided_groups=(1, 3))
     policy = make_policy(tiny_checkpoints["llama"], lr=1e-12)
-    policy.compute_old_logprobs(batch)
+    old_logprobs_T = policy.compute_old_logprobs(batch)
     hf_model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
     hinted_T = hf_response_logprobs(hf_model, batch, context="sampled")
     plain_T = hf_response_logprobs(hf_model, batch, context="train")
     guided_T = batch.is_guided_T
-    torch.testing.assert_close(batch.old_logprobs_T, hinted_T, atol=1e-4, rtol=0)
+    torch.testing.assert_close(old_logprobs_T, hinted_T, atol=1e-4, rtol=0)
     assert (hinted_T - plain_T)[guided_T].abs().min() > 1e-3, "the hint must change the guided logprobs"
-    metrics = policy.train(batch)
+    metrics = train_step(policy, batch, old_logprobs_T=old_logprobs_T)
     assert metrics["actor/on_policy_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     expected_guided_ratio = torch.exp(plain_T - hinted_T)[guided_T].mean().item()
     assert metrics["actor/off_policy_ratio_mean"] == pytest.approx(expected_guided_ratio, rel=1e-4)
@@ -103,9 +104,10 @@ def test_guide_grpo_steps_decrease_the_loss(tiny_checkpoints, single_process_meg
 
     batch = make_train_batch(guided_groups=(1,))
     policy = make_policy(tiny_checkpoints["qwen3"], lr=1e-3, mini_batches=2)
+    old_logprobs_T = policy.compute_old_logprobs(batch)
     losses = []
     for _ in range(4):
-        metrics = policy.train(batch)
+        metrics = train_step(policy, batch, old_logprobs_T=old_logprobs_T)
         losses.append(metrics["loss"])
         assert metrics["actor/update_skipped"] == 0.0
         assert metrics["actor/grad_norm"] > 0.0
@@ -127,7 +129,7 @@ def test_learning_rate_follows_warmup_then_cosine_decay(tiny_checkpoints, single
     )
     batch = make_train_batch()
     # The LR reported by a step is the one it used; the scheduler then advances by one optimizer step.
-    lrs = [policy.train(batch)["actor/lr"] for _ in range(5)]
+    lrs = [train_step(policy, batch)["actor/lr"] for _ in range(5)]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(5e-4) and lrs[2] == pytest.approx(1e-3)
     assert lrs[2] > lrs[3] > lrs[4] == pytest.approx(1e-4)
 
@@ -145,9 +147,8 @@ def test_kl_to_the_frozen_reference_starts_at_zero_and_grows(tiny_checkpoints, s
         total_optimizer_steps=10,
     )
     batch = make_train_batch()
-    first = policy.train(batch)
-    batch.old_logprobs_T = None
-    second = policy.train(batch)
+    first = train_step(policy, batch)
+    second = train_step(policy, batch)  # old logprobs recomputed: the policy moved, the reference did not
     assert first["actor/kl"] == pytest.approx(0.0, abs=1e-7)
     assert second["actor/kl"] > 1e-6
     assert not any(param.requires_grad for param in policy.reference.module.parameters())
@@ -161,3 +162,43 @@ def test_a_bf16_policy_holds_every_parameter_in_bf16(tiny_checkpoints, single_pr
     dtypes = {name: param.dtype for name, param in policy.module.named_parameters()}
     assert any("layernorm" in name or "norm" in name for name in dtypes), sorted(dtypes)
     assert {dtype for dtype in dtypes.values()} == {torch.bfloat16}, dtypes
+
+
+def test_gamma_scope_global_is_one_value_per_step_and_micro_batch_follows_the_split(
+    tiny_checkpoints, single_process_megatron
+):
+    """gamma_scope=global: one shaping gamma for the step, whatever the micro-batch split. micro_batch (the
+    authors' choice): each micro-batch takes its own guided ratios' quantile, so with the whole batch in one
+    micro-batch it is the global gamma, and with the guided samples spread over micro-batches it is not."""
+    from policy_probes import FOUR_MICRO_BATCH_TOKENS, make_policy
+
+    batch = make_train_batch(guided_groups=(0, 1, 2, 3))
+
+    def first_step(**options):
+        policy = make_policy(tiny_checkpoints["qwen2"], lr=1e-12, **options)
+        return train_step(policy, batch)
+
+    whole = first_step(gamma_scope="global")
+    assert first_step(gamma_scope="global", micro_batch_tokens=FOUR_MICRO_BATCH_TOKENS)[
+        "guide/shaping_gamma"
+    ] == pytest.approx(whole["guide/shaping_gamma"], rel=1e-6)
+    one = first_step(gamma_scope="micro_batch")
+    assert one["guide/shaping_gamma"] == pytest.approx(whole["guide/shaping_gamma"], rel=1e-5)
+    assert one["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    split = first_step(gamma_scope="micro_batch", micro_batch_tokens=FOUR_MICRO_BATCH_TOKENS)
+    assert split["guide/shaping_gamma"] != pytest.approx(whole["guide/shaping_gamma"], rel=1e-3)
+    assert split["loss"] != pytest.approx(whole["loss"], rel=1e-4)
+
+
+def test_micro_batch_gamma_is_the_quantile_of_the_current_guided_ratios():
+    from guide_mega.algorithms.losses import masked_quantile
+    from guide_mega.config import GuideConfig
+    from guide_mega.training.train_step import micro_batch_gamma
+
+    generator = torch.Generator().manual_seed(3)
+    logprobs_N = -torch.rand(40, generator=generator) * 3
+    old_N = -torch.rand(40, generator=generator) * 3
+    guided_N = torch.rand(40, generator=generator) < 0.5
+    gamma = micro_batch_gamma(logprobs_N, old_N, guided_N, guide=GuideConfig(gamma_quantile=0.8))
+    expected = masked_quantile(torch.exp(logprobs_N - old_N).double(), guided_N, 0.8)
+    assert gamma.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -82,17 +82,20 @@ def make_train_batch(
     cu_seqlens_S1[1:] = torch.cumsum(response_lengths_S, dim=0)
     num_tokens = int(cu_seqlens_S1[-1])
     rewards_S = torch.randint(0, 2, (num_seqs,), generator=generator).float()
-    advantages_S = torch.randn(num_seqs, generator=generator)
     return TrainBatch(
         train_prompt_ids=train_prompts,
         sampled_prompt_ids=sampled_prompts,
         response_ids_T=torch.randint(0, TINY_VOCAB, (num_tokens,), generator=generator),
         cu_seqlens_S1=cu_seqlens_S1,
-        advantages_T=advantages_S.repeat_interleave(response_lengths_S),
         is_guided_S=is_guided_S,
         rewards_S=rewards_S,
         group_ids_S=group_ids_S,
     )
+
+
+def tiny_advantages_T(batch, *, seed: int = 0) -> torch.Tensor:
+    """Deterministic random advantages [T] for `batch`: one value per sequence, repeated over its tokens."""
+    return batch.per_token(torch.randn(batch.num_seqs, generator=torch.Generator().manual_seed(seed)))
 
 
 def hf_response_logprobs(model, batch, *, context: str = "train") -> torch.Tensor:
