@@ -11,14 +11,16 @@ from guide_mega.rollout.sglang_engine import SGLangColocatedEngine, SGLangServer
 
 
 def create_rollout_engine(model_path: str | Path, config: RolloutConfig, *, device: str = "cpu") -> RolloutEngine:
-    """HFEngine for engine='hf'; for 'sglang', a client of `sglang_url` if set, else a colocated sglang.Engine.
+    """HFEngine for engine='hf'; for 'sglang', a client of the `sglang_urls` servers (or router) if set, else a
+    colocated sglang.Engine.
 
-    The server client pushes weights through `model_path`'s sibling directory `<model_path>.rollout_weights`
-    (the server must see the same filesystem) unless the trainer calls `init_weight_group` first.
+    The server client spreads requests over the servers and pushes weights to all of them through `model_path`'s
+    sibling directory `<model_path>.rollout_weights` (the servers must see the same filesystem), unless the trainer
+    builds the weight group first (`init_weight_group`, for rollout.sglang_weight_group).
     """
     if config.engine == "hf":
         return HFEngine.from_config(model_path, config, device=device)
-    if config.sglang_url is not None:
+    if config.sglang_urls:
         model_path = Path(model_path)
         return SGLangServerEngine.from_config(
             config, model_dir=model_path, weight_dir=model_path.with_name(f"{model_path.name}.rollout_weights")

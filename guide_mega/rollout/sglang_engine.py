@@ -1,34 +1,55 @@
-"""SGLang rollout engines: a client of a running SGLang server (HTTP), and an in-process colocated `sglang.Engine`.
+"""SGLang rollout engines: a client of running SGLang servers (HTTP), and an in-process colocated `sglang.Engine`.
 
 This is the only module that imports sglang (lazily, in the colocated engine). Both engines send token ids and get
 token ids back, with `return_logprob`: SGLang's default logprob is log softmax(logits / T) of the sampled token,
 before top-k/top-p truncation, which is the convention of `engine.py` (SGLANG_RETURN_ORIGINAL_LOGPROB must stay
 unset). Stop strings are kept in the text (`no_stop_trim`), as HFEngine keeps them.
 
-Weights: the server client pushes them with `update_weights_from_disk` (safetensors written to a directory the
-server can read) or `update_weights_from_distributed` (a torch.distributed broadcast from this process, rank 0 of a
-group the server joins: NCCL on GPUs, gloo on CPUs). The colocated engine passes tensors in memory with
-`update_weights_from_tensor`, one bucket at a time, and releases its memory while the policy trains.
+Separate servers (`SGLangServerEngine`): each generate call is spread over the servers that answer /health, balanced
+by expected tokens (one URL, a server or an sgl-router that balances itself, gets everything). A request's own seed
+travels as its `sampling_seed`; SGLang honours it only on servers started with `--enable-deterministic-inference`
+(then a sample depends on nothing but its seed, wherever it lands), and the client warns about servers without it.
+Weights reach every server, by `update_weights_from_disk` (safetensors in a directory the servers can read) or by
+`update_weights_from_distributed` over one weight group spanning this process and all servers' workers
+(`weight_group.py`: NCCL on GPUs, gloo on CPUs). `check_weights` reads a few tensors' first values back from every
+server (`/get_weights_by_name`) and compares them with the trainer's.
+
+The colocated engine passes tensors in memory with `update_weights_from_tensor`, one bucket at a time, and
+releases its memory while the policy trains.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from guide_mega.config import RolloutConfig
-from guide_mega.rollout.engine import Completion, SamplingParams, bucket_named_tensors
+from guide_mega.rollout.engine import (
+    Completion,
+    SamplingParams,
+    bucket_named_tensors,
+    compare_weight_heads,
+    weight_head,
+)
+from guide_mega.rollout.fleet import split_by_expected_tokens
+from guide_mega.rollout.weight_group import (
+    broadcast_from_rank0,
+    destroy_weight_group,
+    new_weight_group,
+    rank_offsets,
+    tensors_for_broadcast,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +57,30 @@ logger = logging.getLogger(__name__)
 _RETRY_STATUSES = (429, 502, 503, 504)
 # Files a model directory needs besides its weights, copied next to pushed weights for update_weights_from_disk.
 _MODEL_METADATA_GLOBS = ("config.json", "generation_config.json")
-# How long the weight-broadcast group waits for the server to join, and for each broadcast.
-_WEIGHT_GROUP_TIMEOUT_S = 300
+# Default for how long the weight group waits for the servers to join, and for each broadcast.
+_WEIGHT_GROUP_TIMEOUT_S = 300.0
+# A server that does not answer /health within this long is skipped for the call.
+_HEALTH_TIMEOUT_S = 10.0
+# A server's --dtype; "auto" (the checkpoint's) is taken as the coarsest a server runs.
+_SERVER_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 
 class SGLangServerError(RuntimeError):
-    """The SGLang server is unreachable or refused a request; the message names the URL and endpoint."""
+    """An SGLang server is unreachable or refused a request; the message names the URL and endpoint.
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    `unavailable`: the server never took the request (no connection, or 429/5xx after every retry), so another
+    server may take it."""
+
+    def __init__(self, message: str, *, status: int | None = None, unavailable: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.unavailable = unavailable
 
 
 class _Retryable(SGLangServerError):
@@ -70,6 +105,13 @@ def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
     return payload
 
 
+def request_payloads(sampling: SamplingParams, seeds: Sequence[int] | None) -> dict[str, Any] | list[dict[str, Any]]:
+    """`sampling_params` of a generate call: one dict for all requests, or with `seeds` one per request, each with
+    its own `sampling_seed` (SGLang's /generate takes a list, one per input)."""
+    payload = sampling_payload(sampling)
+    return payload if seeds is None else [{**payload, "sampling_seed": int(seed)} for seed in seeds]
+
+
 def completion_from_output(output: dict[str, Any]) -> Completion:
     """A Completion from one SGLang generate output ({text, meta_info: {output_token_logprobs, finish_reason}})."""
     meta = output["meta_info"]
@@ -86,16 +128,55 @@ def completion_from_output(output: dict[str, Any]) -> Completion:
     )
 
 
-class SGLangServerEngine:
-    """`RolloutEngine` client of an SGLang server at `url`; requests go out in concurrent chunks.
+def spread_over_servers(requests: Sequence[Sequence[int]], max_new_tokens: int, num_servers: int) -> list[list[int]]:
+    """Request indices per server (each in increasing order), balanced by expected tokens (prompt + max_new_tokens).
 
-    Every call retries connection failures and 429/5xx answers `max_retries` times with exponential backoff, then
-    raises SGLangServerError naming the server; other HTTP errors and timeouts raise at once.
+    Consecutive copies of one prompt (a GRPO group) stay on one server, whose prefix cache then prefills the prompt
+    once, unless the run alone is larger than a server's even share: then it is cut into pieces of at most that.
+    """
+    runs, start = [], 0
+    for index in range(1, len(requests) + 1):
+        if index == len(requests) or list(requests[index]) != list(requests[start]):
+            runs.append((start, index))
+            start = index
+    cost = [len(ids) + max_new_tokens for ids in requests]
+    even_share = -(-sum(cost) // num_servers)
+    pieces = []
+    for start, stop in runs:
+        per_piece = max(1, even_share // cost[start])
+        pieces += [(first, min(first + per_piece, stop)) for first in range(start, stop, per_piece)]
+    shards = split_by_expected_tokens([(stop - first) * cost[first] for first, stop in pieces], num_servers)
+    return [[index for piece in shard for index in range(*pieces[piece])] for shard in shards]
+
+
+def _in_background(function: Callable[..., Any], **kwargs: Any) -> Future:
+    """Run `function` in a daemon thread: a weight-group call may wait as long as the group's timeout, and must not
+    keep the interpreter alive after a failure elsewhere."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(**kwargs))
+        except BaseException as exc:  # handed to whoever waits on the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True, name="sglang-weight-group").start()
+    return future
+
+
+class SGLangServerEngine:
+    """`RolloutEngine` client of SGLang servers at `urls` (or of one sgl-router URL).
+
+    Every HTTP call retries connection failures and 429/5xx answers `max_retries` times with exponential backoff,
+    then raises SGLangServerError naming the server; other HTTP errors and timeouts raise at once. Each generate
+    call goes to the servers that answer /health (the others are skipped with a warning, counted in
+    `unhealthy_skips`), in chunks of `requests_per_call`, at most `max_concurrency` chunks in flight per server; a
+    chunk whose server became unavailable moves to the next server. Weights, sleep and wake go to every server.
     """
 
     def __init__(
         self,
-        url: str,
+        urls: str | Sequence[str],
         *,
         requests_per_call: int = 16,
         max_concurrency: int = 16,
@@ -105,33 +186,53 @@ class SGLangServerEngine:
         weight_dir: str | Path | None = None,
         model_dir: str | Path | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.urls = [url.rstrip("/") for url in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls or len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"SGLangServerEngine: distinct server URLs expected, got {self.urls}")
         self.requests_per_call = requests_per_call
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.weight_dir = Path(weight_dir) if weight_dir is not None else None
         self.model_dir = Path(model_dir) if model_dir is not None else None
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="sglang-http")
+        self.sequences_served = dict.fromkeys(self.urls, 0)
+        self.unhealthy_skips = dict.fromkeys(self.urls, 0)
+        self.weight_group_ranks: dict[str, int] = {}
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrency * len(self.urls), thread_name_prefix="sglang-http"
+        )
+        self._lock = threading.Lock()
+        self._server_infos: dict[str, dict] = {}
+        self._seed_checked: set[str] = set()
         self._weight_group: Any = None
         self._weight_group_name = ""
+        self._weight_backend = ""
+        self._weight_timeout_s = _WEIGHT_GROUP_TIMEOUT_S
 
     @classmethod
     def from_config(cls, config: RolloutConfig, **options: Any) -> SGLangServerEngine:
-        if config.sglang_url is None:
-            raise ValueError("rollout.sglang_url: needed for the SGLang server client")
-        return cls(config.sglang_url, **options)
+        if not config.sglang_urls:
+            raise ValueError("rollout.sglang_urls: the SGLang server client needs at least one server URL")
+        return cls(config.sglang_urls, **options)
 
-    def _attempt(self, request: urllib.request.Request, endpoint: str, timeout_s: float) -> Any:
+    @property
+    def num_engines(self) -> int:
+        return len(self.urls)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Run totals: servers skipped by health checks (summed over calls and servers)."""
+        return {"rollout/unhealthy_server_skips": float(sum(self.unhealthy_skips.values()))}
+
+    # -- HTTP ----------------------------------------------------------------------------------------------------
+    def _attempt(self, url: str, request: urllib.request.Request, endpoint: str, timeout_s: float) -> Any:
         """One HTTP exchange; raises _Retryable for failures worth another try, SGLangServerError for the rest."""
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 body = response.read()
             return json.loads(body) if body else None
         except urllib.error.HTTPError as exc:
-            message = (
-                f"SGLang server {self.url}{endpoint}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"
-            )
+            message = f"SGLang server {url}{endpoint}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"
             if exc.code in _RETRY_STATUSES:
                 raise _Retryable(message, status=exc.code) from None
             raise SGLangServerError(message, status=exc.code) from None
@@ -139,57 +240,166 @@ class SGLangServerEngine:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, TimeoutError):
                 # Not resent: the server may still be working on it, and a second copy would double its load.
-                raise SGLangServerError(
-                    f"SGLang server {self.url}{endpoint}: no answer within {timeout_s:g} s"
-                ) from None
-            raise _Retryable(
-                f"SGLang server {self.url} is not reachable ({endpoint}): {reason}; is it running?"
-            ) from None
+                raise SGLangServerError(f"SGLang server {url}{endpoint}: no answer within {timeout_s:g} s") from None
+            raise _Retryable(f"SGLang server {url} is not reachable ({endpoint}): {reason}; is it running?") from None
 
-    def _call(self, endpoint: str, payload: dict | None = None, *, timeout_s: float | None = None) -> Any:
-        """POST `payload` (GET when None) to `endpoint`; the decoded JSON answer (None for an empty body)."""
+    def _call(
+        self,
+        url: str,
+        endpoint: str,
+        payload: dict | None = None,
+        *,
+        timeout_s: float | None = None,
+        max_retries: int | None = None,
+    ) -> Any:
+        """POST `payload` (GET when None) to the server at `url`; the decoded JSON answer (None for an empty body)."""
         data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(
-            f"{self.url}{endpoint}", data=data, headers={"Content-Type": "application/json"}
-        )
-        for attempt in range(self.max_retries + 1):
+        request = urllib.request.Request(f"{url}{endpoint}", data=data, headers={"Content-Type": "application/json"})
+        retries = self.max_retries if max_retries is None else max_retries
+        for attempt in range(retries + 1):
             try:
-                return self._attempt(request, endpoint, timeout_s or self.timeout_s)
+                return self._attempt(url, request, endpoint, timeout_s or self.timeout_s)
             except _Retryable as exc:
-                if attempt == self.max_retries:
-                    raise SGLangServerError(f"{exc} ({attempt + 1} attempts)", status=exc.status) from None
+                if attempt == retries:
+                    raise SGLangServerError(
+                        f"{exc} ({attempt + 1} attempts)", status=exc.status, unavailable=True
+                    ) from None
                 delay_s = self.retry_backoff_s * 2**attempt
                 logger.warning("%s; retry in %.1f s", exc, delay_s)
                 time.sleep(delay_s)
 
-    def check_health(self, *, timeout_s: float = 10.0) -> None:
-        """Raise SGLangServerError unless the server answers /health."""
-        self._call("/health", timeout_s=timeout_s)
+    def _call_all(self, endpoint: str, payload: dict | None = None, *, timeout_s: float | None = None) -> list[Any]:
+        """The same call on every server at once; the answers in server order (the first failure raises)."""
+        futures = [self._executor.submit(self._call, url, endpoint, payload, timeout_s=timeout_s) for url in self.urls]
+        return [future.result() for future in futures]
 
-    def _generate_chunk(self, requests: Sequence[Sequence[int]], sampling: dict[str, Any]) -> list[Completion]:
-        outputs = self._call(
-            "/generate",
-            {"input_ids": [list(ids) for ids in requests], "sampling_params": sampling, "return_logprob": True},
-        )
-        if len(outputs) != len(requests):
-            raise SGLangServerError(f"SGLang server {self.url}: {len(outputs)} outputs for {len(requests)} requests")
-        return [completion_from_output(output) for output in outputs]
+    def _server_info(self, url: str, *, required: bool) -> dict:
+        """The server's /server_info (/get_server_info before SGLang 0.5.x renamed it), fetched once; {} when it
+        cannot be read and not `required` (a router has none)."""
+        if url not in self._server_infos:
+            try:
+                try:
+                    info = self._call(url, "/server_info")
+                except SGLangServerError as exc:
+                    if exc.status != 404:
+                        raise
+                    info = self._call(url, "/get_server_info")
+            except SGLangServerError:
+                if required:
+                    raise
+                return {}
+            self._server_infos[url] = info if isinstance(info, dict) else {}
+        return self._server_infos[url]
 
-    def generate(self, requests: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Completion]:
-        """Completions in request order; chunks of `requests_per_call` run concurrently on the server."""
-        payload = sampling_payload(sampling)
-        chunks = [
-            requests[start : start + self.requests_per_call]
-            for start in range(0, len(requests), self.requests_per_call)
+    # -- generation ----------------------------------------------------------------------------------------------
+    def check_health(self, *, timeout_s: float = _HEALTH_TIMEOUT_S) -> None:
+        """Raise SGLangServerError unless every server answers /health."""
+        self._call_all("/health", timeout_s=timeout_s)
+
+    def healthy_servers(self) -> list[int]:
+        """Indices of the servers that answer /health now (one try each); the others are skipped with a warning and
+        counted. Raises SGLangServerError naming every server when none answers."""
+        futures = [
+            self._executor.submit(self._call, url, "/health", timeout_s=_HEALTH_TIMEOUT_S, max_retries=0)
+            for url in self.urls
         ]
-        futures = [self._executor.submit(self._generate_chunk, chunk, payload) for chunk in chunks]
-        return [completion for future in futures for completion in future.result()]
+        healthy, failures = [], []
+        for index, (url, future) in enumerate(zip(self.urls, futures, strict=True)):
+            if future.exception() is None:
+                healthy.append(index)
+                continue
+            self.unhealthy_skips[url] += 1
+            failures.append(f"{url} ({future.exception()})")
+            logger.warning("SGLang server %s is skipped for this call: %s", url, future.exception())
+        if not healthy:
+            raise SGLangServerError(f"no SGLang server answers /health: {'; '.join(failures)}")
+        return healthy
+
+    def _warn_unless_seeded(self, servers: Sequence[int]) -> None:
+        """Warn once per server that ignores `sampling_seed` (SGLang applies it only with deterministic inference)."""
+        for server in servers:
+            url = self.urls[server]
+            if url in self._seed_checked:
+                continue
+            self._seed_checked.add(url)
+            info = self._server_info(url, required=False)
+            if info and not info.get("enable_deterministic_inference", False):
+                logger.warning(
+                    "SGLang server %s ignores per-request sampling seeds (start it with "
+                    "--enable-deterministic-inference): its samples depend on batching and on where a request lands",
+                    url,
+                )
+
+    def generate(
+        self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
+        """Completions in request order, each tagged with the index of the server that made it
+        (`metadata['engine']`). With `seeds`, request i carries `sampling_seed` seeds[i]."""
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
+        if not requests:
+            return []
+        # One URL (a server or a router) gets everything, with its retries; several are checked first.
+        servers = self.healthy_servers() if len(self.urls) > 1 else [0]
+        if not sampling.is_greedy and (seeds is not None or sampling.seed is not None):
+            self._warn_unless_seeded(servers)
+        params = request_payloads(sampling, seeds)
+        jobs = []
+        for position, share in enumerate(spread_over_servers(requests, sampling.max_new_tokens, len(servers))):
+            order = servers[position:] + servers[:position]  # its own server first, then the others
+            for start in range(0, len(share), self.requests_per_call):
+                chunk = share[start : start + self.requests_per_call]
+                jobs.append((chunk, self._executor.submit(self._generate_chunk, order, requests, params, chunk)))
+        ordered: list[Completion | None] = [None] * len(requests)
+        for chunk, future in jobs:
+            for index, completion in zip(chunk, future.result(), strict=True):
+                ordered[index] = completion
+        return ordered
+
+    def _generate_chunk(
+        self, order: Sequence[int], requests: Sequence[Sequence[int]], params: dict | list, chunk: Sequence[int]
+    ) -> list[Completion]:
+        """Generate requests[chunk] on the first server of `order` that takes them."""
+        body = {
+            "input_ids": [list(requests[index]) for index in chunk],
+            "sampling_params": params if isinstance(params, dict) else [params[index] for index in chunk],
+            "return_logprob": True,
+        }
+        for attempt, server in enumerate(order):
+            url = self.urls[server]
+            try:
+                outputs = self._call(url, "/generate", body)
+            except SGLangServerError as exc:
+                if not exc.unavailable or attempt + 1 == len(order):
+                    raise
+                logger.warning("%s; its %d requests go to %s", exc, len(chunk), self.urls[order[attempt + 1]])
+                continue
+            if len(outputs) != len(chunk):
+                raise SGLangServerError(f"SGLang server {url}: {len(outputs)} outputs for {len(chunk)} requests")
+            with self._lock:
+                self.sequences_served[url] += len(chunk)
+            completions = [completion_from_output(output) for output in outputs]
+            for completion in completions:
+                completion.metadata["engine"] = server
+            return completions
+        raise AssertionError("unreachable: the last server's failure raises")
+
+    # -- weights -------------------------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One bucket of weights to every server: a broadcast over the weight group if `init_weight_group` was
+        called, else written to `weight_dir` and loaded from there by each server."""
+        named_tensors = list(named_tensors)
+        if self._weight_group is not None:
+            self._broadcast_weights(named_tensors)
+        else:
+            self.update_weights_from_disk(self._write_checkpoint(named_tensors))
 
     def update_weights_from_disk(self, model_path: str | Path) -> None:
-        """Make the server load the HF checkpoint at `model_path` (a path the server can read)."""
-        answer = self._call("/update_weights_from_disk", {"model_path": str(model_path), "flush_cache": True})
-        if not answer.get("success", False):
-            raise SGLangServerError(f"SGLang server {self.url}: update_weights_from_disk failed: {answer}")
+        """Make every server load the HF checkpoint at `model_path` (a path the servers can read)."""
+        answers = self._call_all("/update_weights_from_disk", {"model_path": str(model_path), "flush_cache": True})
+        for url, answer in zip(self.urls, answers, strict=True):
+            if not answer.get("success", False):
+                raise SGLangServerError(f"SGLang server {url}: update_weights_from_disk failed: {answer}")
 
     def _write_checkpoint(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Path:
         from safetensors.torch import save_file
@@ -212,95 +422,153 @@ class SGLangServerEngine:
         (self.weight_dir / "model.safetensors.tmp").replace(self.weight_dir / "model.safetensors")
         return self.weight_dir
 
-    def init_weight_group(
-        self, *, master_address: str, master_port: int, backend: str, group_name: str = "guide_mega_weights"
-    ) -> None:
-        """Create the broadcast group for `update_weights` over torch.distributed: this process is rank 0 and the
-        server's single worker rank 1 (a tensor-parallel server would take ranks 1..tp)."""
-        request = {
-            "master_address": master_address,
-            "master_port": master_port,
-            "rank_offset": 1,
-            "world_size": 2,
-            "group_name": group_name,
-            "backend": backend,
-        }
-        answer_future = self._executor.submit(self._call, "/init_weights_update_group", request)
-        self._weight_group = _new_weight_group(
-            backend=backend, init_method=f"tcp://{master_address}:{master_port}", world_size=2, group_name=group_name
-        )
-        answer = answer_future.result()
-        if not answer.get("success", False):
-            raise SGLangServerError(f"SGLang server {self.url}: init_weights_update_group failed: {answer}")
-        self._weight_group_name = group_name
+    def _weight_ranks(self, url: str) -> int:
+        """How many ranks the server's workers take in the weight group: its tensor-parallel size."""
+        info = self._server_info(url, required=True)
+        if "tp_size" not in info:
+            raise SGLangServerError(
+                f"{url}/server_info reports no tp_size: a weight group needs every server's own URL in "
+                "rollout.sglang_urls (not a router's)"
+            )
+        if info.get("pp_size", 1) != 1 or (info.get("dp_size", 1) != 1 and not info.get("enable_dp_attention")):
+            raise SGLangServerError(
+                f"SGLang server {url}: a weight group needs pp_size 1 and dp_size 1 (or DP attention), got "
+                f"pp_size {info.get('pp_size')} and dp_size {info.get('dp_size')}"
+            )
+        return int(info["tp_size"])
 
-    def _broadcast_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tensors = [(name, tensor.detach().contiguous().cpu()) for name, tensor in named_tensors]
+    def init_weight_group(
+        self,
+        *,
+        master_address: str,
+        master_port: int,
+        backend: str,
+        group_name: str = "guide_mega_weights",
+        timeout_s: float = _WEIGHT_GROUP_TIMEOUT_S,
+    ) -> None:
+        """Build the weight group: this process is rank 0, server i's tensor-parallel workers take ranks from
+        `rank_offsets(tp sizes)[i]` (`weight_group_ranks`). `timeout_s` bounds the joining and every broadcast."""
+        tp_sizes = [self._weight_ranks(url) for url in self.urls]
+        world_size = 1 + sum(tp_sizes)
+        self._weight_timeout_s = timeout_s
+        answers = {}
+        for url, offset in zip(self.urls, rank_offsets(tp_sizes), strict=True):
+            request = {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            }
+            answers[url] = _in_background(
+                self._call,
+                url=url,
+                endpoint="/init_weights_update_group",
+                payload=request,
+                timeout_s=self._weight_call_timeout_s,
+            )
+            self.weight_group_ranks[url] = offset
+        group = _in_background(
+            new_weight_group,
+            backend=backend,
+            master_address=master_address,
+            master_port=master_port,
+            world_size=world_size,
+            group_name=group_name,
+            timeout_s=timeout_s,
+        )
+        self._await_group(group, answers, "init_weights_update_group")
+        self._weight_group, self._weight_group_name, self._weight_backend = group.result(), group_name, backend
+        logger.info("weight group %s: %d ranks, servers at %s", group_name, world_size, self.weight_group_ranks)
+
+    @property
+    def _weight_call_timeout_s(self) -> float:
+        """HTTP timeout of calls that wait for the weight group: the server answers once its side is done."""
+        return max(self.timeout_s, self._weight_timeout_s + 60.0)
+
+    def _await_group(self, collective: Future, answers: dict[str, Future], call: str) -> None:
+        """Wait for this process's side of a group operation and every server's answer to `call`; the first failure
+        raises at once (a server that refused never joins, and waiting for it would last the group's timeout)."""
+        pending = {collective, *answers.values()}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            failed = next((future for future in done if future.exception() is not None), None)
+            if failed is not None:
+                self._weight_group = None  # a half-finished collective leaves the group unusable
+                raise failed.exception()
+        for url, future in answers.items():
+            if not future.result().get("success", False):
+                self._weight_group = None
+                raise SGLangServerError(f"SGLang server {url}: {call} failed: {future.result()}")
+
+    def _broadcast_weights(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        tensors = tensors_for_broadcast([tensor for _, tensor in named_tensors], self._weight_backend)
         request = {
-            "names": [name for name, _ in tensors],
-            "dtypes": [str(tensor.dtype).removeprefix("torch.") for _, tensor in tensors],
-            "shapes": [list(tensor.shape) for _, tensor in tensors],
+            "names": [name for name, _ in named_tensors],
+            "dtypes": [str(tensor.dtype).removeprefix("torch.") for tensor in tensors],
+            "shapes": [list(tensor.shape) for tensor in tensors],
             "group_name": self._weight_group_name,
             "flush_cache": True,
         }
-        self._weight_update_session("/begin_weight_update", {})
-        answer_future = self._executor.submit(self._call, "/update_weights_from_distributed", request)
-        # The group's own (asynchronous) broadcasts: a default process group of the trainer does not hold the
-        # server. If the server refuses the update it never receives them, so its answer is watched meanwhile.
-        works = [self._weight_group.broadcast(tensor, 0) for _, tensor in tensors]
-        while not all(work.is_completed() for work in works):
-            if answer_future.done() and answer_future.exception() is not None:
-                self._weight_group = None  # a half-finished broadcast leaves the group unusable
-                raise answer_future.exception()
-            time.sleep(0.01)
-        answer = answer_future.result()
-        if not answer.get("success", False):
-            raise SGLangServerError(f"SGLang server {self.url}: update_weights_from_distributed failed: {answer}")
-        self._weight_update_session("/end_weight_update", {})
+        self._weight_update_session("/begin_weight_update")
+        answers = {
+            url: _in_background(
+                self._call,
+                url=url,
+                endpoint="/update_weights_from_distributed",
+                payload=request,
+                timeout_s=self._weight_call_timeout_s,
+            )
+            for url in self.urls
+        }
+        sent = _in_background(broadcast_from_rank0, group=self._weight_group, tensors=tensors)
+        self._await_group(sent, answers, "update_weights_from_distributed")
+        self._weight_update_session("/end_weight_update")
 
-    def _weight_update_session(self, endpoint: str, payload: dict) -> None:
-        """Open or close a weight-update session (SGLang >= 0.5.20 requires one; older servers answer 404)."""
-        try:
-            self._call(endpoint, payload)
-        except SGLangServerError as exc:
-            if exc.status != 404:
-                raise
+    def _weight_update_session(self, endpoint: str) -> None:
+        """Open or close a weight-update session on every server (SGLang >= 0.5.20 requires one; older servers
+        answer 404)."""
+        for url in self.urls:
+            try:
+                self._call(url, endpoint, {})
+            except SGLangServerError as exc:
+                if exc.status != 404:
+                    raise
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Broadcast over the weight group if `init_weight_group` was called, else write and load from disk."""
-        if self._weight_group is not None:
-            self._broadcast_weights(named_tensors)
-        else:
-            self.update_weights_from_disk(self._write_checkpoint(named_tensors))
+    def check_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Raise WeightSyncError naming the server and tensor unless every server holds these tensors' first values
+        (`weight_head`: the trainer's, after a push) within the rounding of the two dtypes.
 
+        A server reads them with /get_weights_by_name, from its tensor-parallel shard 0: the first rows of a matrix
+        are the full tensor's as long as a shard has that many rows.
+        """
+        expected = [(name, weight_head(tensor), tensor.dtype) for name, tensor in named_tensors]
+        for url in self.urls:
+            info = self._server_info(url, required=False)
+            server_dtype = _SERVER_DTYPES.get(str(info.get("dtype")), torch.bfloat16)
+            for name, head, dtype in expected:
+                held = self._call(url, "/get_weights_by_name", {"name": name, "truncate_size": head.shape[0]})
+                if info.get("dp_size", 1) > 1:
+                    held = held[0]  # one answer per data-parallel rank
+                tolerance = max(torch.finfo(dtype).eps, torch.finfo(server_dtype).eps)
+                compare_weight_heads(
+                    f"SGLang server {url}", name, torch.tensor(held, dtype=torch.float32), head, tolerance
+                )
+
+    # -- memory and lifetime -------------------------------------------------------------------------------------
     def sleep(self) -> None:
-        self._call("/release_memory_occupation", {})
+        self._call_all("/release_memory_occupation", {})
 
     def wake(self) -> None:
-        self._call("/resume_memory_occupation", {})
+        self._call_all("/resume_memory_occupation", {})
 
     def close(self) -> None:
-        """Stop the client's threads; the server belongs to whoever started it and keeps running."""
+        """Release the weight group and the client's threads; the servers belong to whoever started them."""
+        if self._weight_group is not None:
+            destroy_weight_group(self._weight_group)
+            self._weight_group = None
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _new_weight_group(*, backend: str, init_method: str, world_size: int, group_name: str) -> Any:
-    """Rank 0 of a process group shared with the server's workers, built the way SGLang builds its side (a TCP
-    rendezvous, a store prefixed by the group name), and independent of any default group the trainer has."""
-    from torch.distributed import distributed_c10d
-
-    timeout = datetime.timedelta(seconds=_WEIGHT_GROUP_TIMEOUT_S)
-    store, _, _ = next(distributed_c10d.rendezvous(init_method, 0, world_size, timeout=timeout))
-    group, _ = distributed_c10d._new_process_group_helper(
-        world_size,
-        0,
-        [],
-        distributed_c10d.Backend(backend),
-        distributed_c10d.PrefixStore(group_name, store),
-        group_name=group_name,
-        timeout=timeout,
-    )
-    return group
 
 
 def _check_engine_answer(answer: Any, call: str) -> None:
@@ -346,9 +614,14 @@ class SGLangColocatedEngine:
             **options,
         )
 
-    def generate(self, requests: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Completion]:
+    def generate(
+        self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
+        """Completions in request order; with `seeds`, each request carries its own sampling seed."""
+        payload = sampling_payload(sampling)
+        params = payload if seeds is None else [{**payload, "sampling_seed": seed} for seed in seeds]
         outputs = self._engine.generate(
-            input_ids=[list(ids) for ids in requests], sampling_params=sampling_payload(sampling), return_logprob=True
+            input_ids=[list(ids) for ids in requests], sampling_params=params, return_logprob=True
         )
         return [completion_from_output(output) for output in outputs]
 

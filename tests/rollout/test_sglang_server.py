@@ -1,10 +1,12 @@
 """A real SGLang server on CPU (own virtual environment, tiny local model, loopback): generation, logprobs and
-weight updates agree with HFEngine. Marked `sglang`; skipped unless the environment is built or may be built.
+weight updates agree with HFEngine; two servers behind one client share requests and one weight group. Marked
+`sglang`; skipped unless the environment is built or may be built.
 
 The environment (sglang 0.5.21 with a CPU torch, ~2.6 GB, ~3 min to build) lives in $GUIDE_MEGA_SGLANG_VENV or
 ~/.cache/guide_mega/sglang-0.5.21-cpu; set GUIDE_MEGA_BUILD_SGLANG_VENV=1 to let this test build it.
 """
 
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from guide_mega.data.embedded_model import default_cache_dir
-from guide_mega.rollout.engine import SamplingParams
+from guide_mega.rollout.engine import CHECKED_WEIGHTS, SamplingParams, bucket_named_tensors
 from guide_mega.rollout.hf_engine import HFEngine
 from guide_mega.rollout.sglang_engine import SGLangServerEngine
 from guide_mega.rollout.sglang_server import SGLANG_VERSION, LocalSGLangServer, build_cpu_venv, free_port
@@ -102,6 +104,51 @@ def test_weight_updates_from_disk_and_by_broadcast(server, tiny_model_dir, smoll
             torch.testing.assert_close(
                 torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), atol=LOGPROB_ATOL, rtol=0
             )
+    engine.close()
+
+
+def assert_same_generations(engine, reference, prompts, sampling):
+    for ours, theirs in zip(reference.generate(prompts, sampling), engine.generate(prompts, sampling), strict=True):
+        assert theirs.response_ids == ours.response_ids
+        torch.testing.assert_close(
+            torch.tensor(theirs.logprobs), torch.tensor(ours.logprobs), atol=LOGPROB_ATOL, rtol=0
+        )
+
+
+def test_two_servers_behind_one_client(server, tiny_model_dir, smollm2_tokenizer, prompt_ids, tmp_path, caplog):
+    """Separate mode: two servers (the module's and a second one) behind one client. Weights pushed in buckets over
+    one gloo weight group (ranks 0, 1, 2) reach both: each server's own greedy tokens and logprobs after the push
+    equal HFEngine's with the pushed weights, and check_weights reads them back. Requests spread over both."""
+    with LocalSGLangServer(sglang_venv(), tiny_model_dir, log_path=tmp_path / "second.log") as second:
+        engine = SGLangServerEngine([server.url, second.url], requests_per_call=2)
+        engine.init_weight_group(
+            master_address="127.0.0.1", master_port=free_port(), backend="gloo", group_name="pair", timeout_s=120
+        )
+        assert engine.weight_group_ranks == {server.url: 1, second.url: 2}
+        weights = new_weights(smollm2_tokenizer, 4)
+        for bucket in bucket_named_tensors(iter(weights), bucket_bytes=1 << 20):
+            engine.update_weights(bucket)
+        checked = [(name, tensor) for name, tensor in weights if CHECKED_WEIGHTS.search(name)]
+        assert {name for name, _ in checked} >= {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+        engine.check_weights(checked)
+        reference = HFEngine(tiny_model_dir)
+        reference.update_weights(iter(weights))
+        greedy = SamplingParams(temperature=0, max_new_tokens=6)
+        for url in engine.urls:
+            assert_same_generations(SGLangServerEngine(url), reference, prompt_ids, greedy)
+
+        requests = [ids for ids in prompt_ids for _ in range(3)]  # four groups of three samples
+        expected = [c.response_ids for c in reference.generate(prompt_ids, greedy) for _ in range(3)]
+        completions = engine.generate(requests, greedy)
+        assert [c.response_ids for c in completions] == expected
+        assert {c.metadata["engine"] for c in completions} == {0, 1}
+        assert all(count > 0 for count in engine.sequences_served.values())
+        # Per-request seeds reach the servers (a list of sampling_params); a CPU server cannot run deterministic
+        # inference, so it ignores them, and the client says so.
+        with caplog.at_level(logging.WARNING):
+            sampled = engine.generate(requests, SamplingParams(temperature=1.0, max_new_tokens=4), seeds=range(12))
+        assert len(sampled) == 12 and "ignores per-request sampling seeds" in caplog.text
+        engine.close()
 
 
 COLOCATED_SCRIPT = """
