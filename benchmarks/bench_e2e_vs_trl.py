@@ -127,7 +127,7 @@ def step_prompts(config: Config, tokenizer) -> list[dict]:
 
 def run_guide_mega(config: Config) -> dict[str, list[float]]:
     """Run the steps through Trainer.step; per step: wall time, generation time, generated tokens, mean reward."""
-    from guide_mega.trainer import build_trainer
+    from guide_mega.build import build_trainer
 
     trainer = build_trainer(config)
     result: dict[str, list[float]] = {"step_seconds": [], "generation_seconds": [], "generated_tokens": []}

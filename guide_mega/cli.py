@@ -1,4 +1,4 @@
-"""The `guide-mega` command: train, eval, analyze, convert and doctor."""
+"""The `guide-mega` command: train, eval, analyze, convert, doctor and plan."""
 
 from __future__ import annotations
 
@@ -114,6 +114,30 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# `plan`'s exit status when the config does not fit on its cluster (0: it fits; 2: a bad config, as everywhere).
+PLAN_DOES_NOT_FIT = 3
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from guide_mega.config import load_config
+    from guide_mega.planning import format_plan, model_shape, overflow_message, plan_memory
+    from guide_mega.planning.memory import Reserves
+
+    flags = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "gpu_memory_gib": args.gpu_memory_gib}
+    cluster = [f"cluster.{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(args.config, [*args.overrides, *cluster])
+    given = {"trainer_gib": args.trainer_reserve_gib, "engine_gib": args.engine_reserve_gib}
+    reserves = Reserves(**{key: value for key, value in given.items() if value is not None})
+    plan = plan_memory(config, model_shape(config.model.path, args.arch), reserves)
+    print(format_plan(plan, args.config))
+    verdict = overflow_message(plan)
+    if verdict is None:
+        print("plan: fits")
+        return 0
+    print(verdict, file=sys.stderr)
+    return PLAN_DOES_NOT_FIT
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guide-mega", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pipeline", type=int, help="pipeline-parallel size; default: 1, or as the checkpoint")
     convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the source's (float32 if other)")
     convert.set_defaults(run=_convert)
+
+    plan = commands.add_parser(
+        "plan",
+        help="per-GPU memory of the trainer and the rollout engines, phase by phase; exit 3 when it does not fit",
+    )
+    plan.add_argument("--config", required=True, help="YAML config; its cluster section says which GPUs")
+    plan.add_argument("--nodes", type=int, help="override cluster.nodes")
+    plan.add_argument("--gpus-per-node", type=int, help="override cluster.gpus_per_node")
+    plan.add_argument("--gpu-memory-gib", type=float, help="override cluster.gpu_memory_gib (79.6 on an 80 GB H100)")
+    plan.add_argument("--arch", help="take the model's sizes from the known-models table under this name")
+    plan.add_argument("--trainer-reserve-gib", type=float, help="CUDA context, NCCL, fragmentation (default 5)")
+    plan.add_argument("--engine-reserve-gib", type=float, help="the engine's context, NCCL, CUDA graphs (default 3)")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.tensor_parallel=8")
+    plan.set_defaults(run=_plan)
     return parser
 
 

@@ -50,6 +50,20 @@ class ParallelConfig:
     """Context-parallel size (long sequences split across ranks)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor > 1)."""
+    timeout_minutes: int = ranged(180, ge=1)
+    """Timeout of collectives (the NCCL watchdog, gloo): ranks wait while rank 0 samples, scores or evaluates, which
+    can take far longer than torch's 10-minute default."""
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    nodes: int = ranged(1, ge=1)
+    """Nodes the run is planned for. Only `guide-mega plan` reads this section; the launcher (torchrun, Slurm) decides
+    the world size, and data parallel = world size / (tensor * pipeline * context)."""
+    gpus_per_node: int = ranged(1, ge=1)
+    """GPUs per node."""
+    gpu_memory_gib: float = ranged(79.6, gt=0.0)
+    """Memory of one GPU as torch reports it (`total_memory` / 2**30): 79.6 GiB on an 80 GB H100 (81,559 MiB)."""
 
 
 @dataclass(kw_only=True)
@@ -70,11 +84,18 @@ class RolloutConfig:
     """Stop strings, besides the tokenizer's end-of-sequence token."""
     batch_size: int = ranged(64, ge=1)
     """Sequences per generate call (HF engine); SGLang batches on its own."""
-    sglang_url: str | None = None
-    """URL of a running SGLang server; None starts an in-process engine colocated with training."""
+    tensor_parallel: int = ranged(1, ge=1)
+    """GPUs per rollout engine (SGLang tensor parallelism). Colocated, every group of this many GPUs on a node runs
+    one engine, started by the group's first local rank; it must divide the GPUs per node."""
+    sglang_urls: list[str] = field(default_factory=list)
+    """Running SGLang servers (or one sgl-router) to spread requests over; empty starts engines colocated with
+    training."""
     sglang_weight_group: str | None = None
-    """host:port of an NCCL group for pushing weights to the `sglang_url` server; null writes them to a directory
-    beside the model that both read."""
+    """host:port of one weight group spanning the trainer's rank 0 and every `sglang_urls` server (NCCL on GPUs,
+    gloo on CPUs); null writes weights to a directory beside the model that the servers read."""
+    check_weight_sync: bool = False
+    """After each weight push, compare a few tensors' values on every engine with the trainer's; fail loudly when
+    they differ."""
     sglang_mem_fraction: float = ranged(0.7, gt=0.0, lt=1.0)
     """Fraction of GPU memory SGLang may take for weights and KV cache."""
     weight_bucket_mb: int = ranged(512, ge=1)
@@ -248,6 +269,9 @@ class TrainConfig:
     """Evaluate on data.eval_source (no hints) every N steps and after the last; 0 disables it."""
     eval_samples: int = ranged(4, ge=1)
     """Samples per evaluation problem (pass@1 and pass@n are logged under eval/)."""
+    stop_file: str | None = None
+    """When this file appears, the run checkpoints after the current step, removes it and exits 0 (scripts/
+    train.slurm writes it ahead of the time limit, then requeues); null means <logging.run_dir>/STOP."""
 
 
 @dataclass(kw_only=True)
@@ -280,6 +304,8 @@ class Config:
     """The policy model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Megatron parallel layout; data parallel = world size / (tensor * pipeline * context)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The GPUs this config is planned for (`guide-mega plan`)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Sampling and the rollout engine."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -304,6 +330,7 @@ RENAMED_KEYS = {
     "algorithm.guide.filter_zero_variance": "algorithm.guide.drop_equal_rewards",
     "algorithm.guide.clip_low": "algorithm.guide.off_policy_clip_low",
     "algorithm.guide.clip_high": "algorithm.guide.off_policy_clip_high",
+    "rollout.sglang_url": "rollout.sglang_urls",
 }
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 

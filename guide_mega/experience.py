@@ -8,12 +8,13 @@ the verifier through `RewardPool`; the Guide decisions themselves live in `algor
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from guide_mega.algorithms.guide import HintPlan, plan_hints
 from guide_mega.metrics import Metrics
 from guide_mega.rewards import RewardPool
-from guide_mega.rollout.engine import RolloutEngine, SamplingParams
+from guide_mega.rollout.engine import RolloutEngine, SamplingParams, request_seed
 from guide_mega.types import Prompt, PromptContent, Rollout, RolloutGroup
 
 Tokenize = Callable[[PromptContent], list[int]]
@@ -32,11 +33,19 @@ def sample_groups(
     """G completions per prompt under `sampled_prompt_ids`, recorded to train under `train_prompt_ids`.
 
     Metrics, under 'guided/' for a hinted wave and 'rollout/' otherwise: generated tokens, rollouts, mean
-    response length and the fraction cut at max_new_tokens; and the time spent, as time/rollout_s.
+    response length and the fraction cut at max_new_tokens; and the time spent, as time/rollout_s. With a
+    sampling seed, each sample has its own seed from (step seed, prompt id, wave, sample index), so the samples do
+    not depend on how requests are batched or spread over engines.
     """
     start = time.perf_counter()
     requests = [ids for ids in sampled_prompt_ids for _ in range(group_size)]
-    completions = engine.generate(requests, sampling)
+    seeds = None
+    if sampling.seed is not None:
+        wave = "guided" if is_guided else "plain"
+        seeds = [
+            request_seed(sampling.seed, prompt.id, wave, index) for prompt in prompts for index in range(group_size)
+        ]
+    completions = engine.generate(requests, sampling, seeds=seeds)
     seconds = time.perf_counter() - start
     groups = []
     for index, prompt in enumerate(prompts):
@@ -54,7 +63,11 @@ def sample_groups(
             for completion in completions[index * group_size : (index + 1) * group_size]
         ]
         groups.append(RolloutGroup(prompt=prompt, rollouts=rollouts, is_guided=is_guided))
-    return groups, _sampling_metrics(groups, "guided" if is_guided else "rollout", seconds)
+    prefix = "guided" if is_guided else "rollout"
+    # Which engine made each completion (an engine fleet tags them): every engine should take a share.
+    engines = Counter(completion.metadata.get("engine", 0) for completion in completions)
+    per_engine = Metrics(counts={f"{prefix}/engine_{engine}_sequences": n for engine, n in engines.items()})
+    return groups, _sampling_metrics(groups, prefix, seconds) + per_engine
 
 
 def _sampling_metrics(groups: list[RolloutGroup], prefix: str, seconds: float) -> Metrics:

@@ -1,20 +1,21 @@
 """The RL loop (DESIGN.md §2): rollouts, rewards, Guide's second wave, advantages, train step, weight sync.
 
-Every rank runs this SPMD under torchrun. The rollout engine, the reward pool and the logs live on global rank 0;
-rank 0 builds the step's TrainBatch and broadcasts it, every rank trains its model shard, and the exported weights
-(a collective) reach rank 0's engine.
+Every rank runs this SPMD under torchrun. Rank 0 runs the loop's rollout half: its engine front spreads the
+requests over every rollout engine (one per group of rollout.tensor_parallel GPUs, whose owners serve meanwhile),
+and it holds the reward pool, the prompts and the logs. It builds the step's TrainBatch and sends it to every
+rank; every rank trains its model shard, and the exported weights (a collective) reach each owner's engine.
+Building a run from its config is `guide_mega.build`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,10 +26,16 @@ from guide_mega.algorithms.filtering import keep_groups_with_variance
 from guide_mega.algorithms.guide import find_unsolved_groups, guide_metrics, merge_guided_groups
 from guide_mega.config import AlgorithmConfig, Config
 from guide_mega.data.batch import build_train_batch, sequence_advantages
-from guide_mega.data.embedded_model import resolve_model_path
 from guide_mega.experience import Tokenize, first_wave, hinted_wave, score_groups
 from guide_mega.metrics import Metrics
-from guide_mega.rollout.engine import RolloutEngine, SamplingParams, bucket_named_tensors
+from guide_mega.rollout.engine import (
+    CHECKED_WEIGHTS,
+    RolloutEngine,
+    SamplingParams,
+    bucket_named_tensors,
+    weight_head,
+)
+from guide_mega.rollout.fleet import serve
 from guide_mega.run_log import NullRunLog, RunLog
 from guide_mega.types import RolloutGroup, TrainBatch
 
@@ -43,16 +50,13 @@ if TYPE_CHECKING:
 CRITIC_DIR = "critic"
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast_object(value: object) -> object:
-    """`value` from rank 0 on every rank (a no-op in a world of one)."""
+def broadcast_object(value: object, group: Any = None) -> object:
+    """`value` from rank 0 on every rank of `group` (a gloo group: pickles stay off the GPUs); a no-op in a world of
+    one."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=group)
     return holder[0]
 
 
@@ -103,8 +107,21 @@ def set_rng_state(state: dict) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RolloutEngines:
+    """This rank's part in rollouts: its own engine if it owns one (each owner syncs, sleeps and wakes its own),
+    the gloo group over which rank 0 reaches the owners (None with one engine), and a gloo group of every rank for
+    object broadcasts (None in a world of one)."""
+
+    local: RolloutEngine | None = None
+    group: Any = None
+    num_engines: int = 1
+    objects: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RolloutSide:
-    """Rank 0's collaborators: the engine, the verifier pool, the prompts and the tokenizer (and the evaluator)."""
+    """Rank 0's collaborators: the engine front (all engines), the verifier pool, the prompts and the tokenizer
+    (and the evaluator)."""
 
     engine: RolloutEngine
     reward_pool: RewardPool
@@ -123,9 +140,11 @@ class Trainer:
         policy: MegatronPolicy,
         critic: MegatronCritic | None,
         rollout: RolloutSide | None,
+        engines: RolloutEngines,
         run_log: RunLog | NullRunLog,
     ) -> None:
         self.config, self.policy, self.critic, self.rollout, self.run_log = config, policy, critic, rollout, run_log
+        self.engines = engines
         self.step_index = 0
         self._stop_requested = False
 
@@ -164,7 +183,8 @@ class Trainer:
                     metrics += filtered
                 groups += wave
             payload = self._pack(groups, metrics, rounds=rounds)
-        batch, advantages_S, metrics = _broadcast_object(payload)
+        self._engines_done_sampling()
+        batch, advantages_S, metrics = broadcast_object(payload, self.engines.objects)
         if batch is None:
             self.run_log.message(f"step {self.step_index + 1}: no group with reward variance; training skipped")
             return {**metrics, "train/skipped_step": 1.0, "time/step_s": time.perf_counter() - start}
@@ -201,6 +221,7 @@ class Trainer:
         values = metrics.as_dict()
         generated = values.get("rollout/generated_tokens", 0.0) + values.get("guided/generated_tokens", 0.0)
         values |= {
+            "rollout/num_engines": float(self.engines.num_engines),
             "filter/rounds": float(rounds),
             "filter/partial_batch": float(len(groups) < wanted),
             "train/num_groups": float(len(groups)),
@@ -213,11 +234,20 @@ class Trainer:
         gae = self.config.algorithm.estimator == "gae"
         return build_train_batch(groups), None if gae else sequence_advantages(groups, self.config.algorithm), values
 
+    def _engines_done_sampling(self) -> None:
+        """Rank 0 has finished sampling for now: it releases the other owners, which served its requests until then."""
+        if self.engines.group is None:
+            return
+        if self.rollout is not None:
+            self.rollout.engine.stop_serving()
+        elif self.engines.local is not None:
+            serve(self.engines.local, group=self.engines.group)
+
     @contextmanager
     def _engine_asleep(self, timer: PhaseTimer):
-        """Colocated mode (train.colocate): the engine frees its GPU memory while the policy trains, and is awake
+        """Colocated mode (train.colocate): every engine frees its GPU memory while the policy trains, and is awake
         again before the weight sync."""
-        engine = self.rollout.engine if self.rollout is not None and self.config.train.colocate else None
+        engine = self.engines.local if self.config.train.colocate else None
         if engine is not None:
             with timer("engine_sleep"):
                 engine.sleep()
@@ -226,18 +256,28 @@ class Trainer:
         finally:
             if engine is not None:
                 with timer("engine_wake"):
+                    # Training's freed activations and logits still sit in torch's caching allocator, where the
+                    # engine (its own allocator) cannot reach them: hand them back to the device first.
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
                     engine.wake()
 
     def _sync_weights(self) -> None:
-        """Push the updated weights to the engine in buckets; every rank takes part in the export."""
+        """Push the updated weights to every engine in buckets: every rank takes part in the export, and each owner
+        loads the exported tensors into its own engine."""
         bucket_bytes = self.config.rollout.weight_bucket_mb << 20
         named_tensors = self.policy.export_hf_weights(bucket_bytes=bucket_bytes)
-        if self.rollout is None:
-            for _ in named_tensors:  # other ranks still join each bucket's collectives
+        if self.engines.local is None:
+            for _ in named_tensors:  # ranks without an engine still join each bucket's collectives
                 pass
             return
+        checked = []
         for bucket in bucket_named_tensors(named_tensors, bucket_bytes=bucket_bytes):
-            self.rollout.engine.update_weights(bucket)
+            self.engines.local.update_weights(bucket)
+            if self.config.rollout.check_weight_sync:
+                checked += [(name, weight_head(tensor)) for name, tensor in bucket if CHECKED_WEIGHTS.search(name)]
+        if checked:
+            self.engines.local.check_weights(checked)
 
     # -- the run -------------------------------------------------------------------------------------------
     def checkpoint_root(self) -> Path:
@@ -247,7 +287,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint policy, optimizer and the loop's state (data position, RNG) at the current step."""
         state = {"loader": self.rollout.loader.state_dict(), "rng": rng_state()} if self.rollout is not None else None
-        extra = _broadcast_object(state)
+        extra = broadcast_object(state, self.engines.objects)
         if self.critic is not None:
             # Before the policy: a complete policy checkpoint then always has its critic beside it.
             self.critic.save_checkpoint(self.checkpoint_root() / CRITIC_DIR, self.step_index)
@@ -274,17 +314,33 @@ class Trainer:
         self.run_log.message(f"resumed from {path} at step {self.step_index}")
 
     def close(self) -> None:
-        """Stop the reward workers and release the engine (rank 0)."""
+        """Stop the reward workers (rank 0) and release this rank's engine."""
         if self.rollout is not None:
             self.rollout.reward_pool.close()
-            self.rollout.engine.close()
+        if self.engines.local is not None:
+            self.engines.local.close()
 
     def _on_sigterm(self, signum, frame) -> None:
         # Slurm sends SIGTERM before preemption or the time limit: finish the step, save, stop.
         self._stop_requested = True
 
+    def stop_file(self) -> Path:
+        """The file whose appearance asks the run to checkpoint after the current step and exit (train.stop_file)."""
+        configured = self.config.train.stop_file
+        return Path(configured) if configured else Path(self.config.logging.run_dir) / "STOP"
+
+    def _stop_reason(self) -> str | None:
+        """Why the run should stop after this step (the same answer on every rank): SIGTERM, a stop file, or None."""
+        reason = None
+        if self._stop_requested:
+            reason = "SIGTERM"
+        elif self.rollout is not None and self.stop_file().exists():
+            reason = f"stop file {self.stop_file()}"
+        return broadcast_object(reason, self.engines.objects)
+
     def fit(self) -> None:
-        """Run until train.steps, checkpointing every checkpoint.every steps, at the end and on SIGTERM."""
+        """Run until train.steps, checkpointing every checkpoint.every steps, at the end, and before stopping early
+        on SIGTERM or when the stop file appears (which is then removed, so a requeued job runs on)."""
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         every = self.config.checkpoint.every
         saved_at = self.step_index
@@ -295,13 +351,17 @@ class Trainer:
                 if self.rollout is not None and self.rollout.evaluator is not None:
                     is_last = self.step_index == self.config.train.steps
                     metrics.update(self.rollout.evaluator(self.step_index, is_last=is_last))
+                if self.config.train.eval_every:
+                    self._engines_done_sampling()
                 self.run_log.log(self.step_index, metrics)
-                stop = bool(_broadcast_object(self._stop_requested))
+                stop = self._stop_reason()
                 if stop or (every and self.step_index % every == 0):
                     self.save()
                     saved_at = self.step_index
                 if stop:
-                    self.run_log.message("SIGTERM: checkpoint written, stopping")
+                    if self.rollout is not None:
+                        self.stop_file().unlink(missing_ok=True)
+                    self.run_log.message(f"{stop}: checkpoint written, stopping")
                     return
             if saved_at != self.step_index:
                 self.save()
@@ -312,6 +372,8 @@ class Trainer:
 def run_training(config: Config) -> Trainer:
     """Build the run, resume per checkpoint.resume (from the newest checkpoint that verifies), train to train.steps,
     and release engine and workers."""
+    from guide_mega.build import build_trainer
+
     trainer = build_trainer(config)
     checkpoint, skipped = latest_checkpoint(
         trainer.checkpoint_root(), mode=config.checkpoint.resume, with_critic=trainer.critic is not None
@@ -373,114 +435,3 @@ def estimate_gae(critic: MegatronCritic, batch: TrainBatch, algorithm: Algorithm
         "critic/advantage_std": float(advantages_T.std()) if advantages_T.numel() > 1 else 0.0,
     }
     return old_values_T, advantages_T, returns_T, metrics
-
-
-def build_trainer(config: Config) -> Trainer:
-    """Everything a run needs, from its config: on every rank the policy (and critic); on rank 0 the rollout side
-    and the run log."""
-    from guide_mega.training.policy import MegatronPolicy
-
-    model_dir = _broadcast_object(resolve_model_path(config.model.path) if _rank() == 0 else None)
-    policy = MegatronPolicy(**_model_options(config, model_dir), temperature=config.rollout.temperature)
-    critic = _build_critic(config, model_dir)
-    if _rank() != 0:
-        return Trainer(config, policy=policy, critic=critic, rollout=None, run_log=NullRunLog())
-    run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
-    return Trainer(config, policy=policy, critic=critic, rollout=_build_rollout_side(config, model_dir, run_log),
-                   run_log=run_log)  # fmt: skip
-
-
-def _build_rollout_side(config: Config, model_dir: Path, run_log: RunLog) -> RolloutSide:
-    """Rank 0's engine, reward pool, prompt loader and tokenizer, and the evaluator of train.eval_every."""
-    from transformers import AutoTokenizer
-
-    from guide_mega.data import PromptLoader, load_prompt_source, render_prompt_ids
-    from guide_mega.rewards import RewardPool
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_set = load_prompt_source(config.data.source, config.data)
-    if prompt_set.num_skipped_rows or prompt_set.num_without_hint:
-        run_log.message(
-            f"data: {len(prompt_set.prompts)} prompts; {prompt_set.num_skipped_rows} malformed rows skipped; "
-            f"{prompt_set.num_without_hint} problems without a usable hint"
-        )
-    loader = PromptLoader.from_config(
-        prompt_set.prompts, config.data, tokenizer=tokenizer, hint_template=config.algorithm.guide.hint_template
-    )
-    tokenize = lambda content: render_prompt_ids(tokenizer, content, system_prompt=config.data.system_prompt)  # noqa: E731
-    engine = _build_engine(config, model_dir)
-    reward_pool = RewardPool.from_config(config.reward, lenient=config.reward.lenient)
-    evaluator = None
-    if config.train.eval_every:
-        evaluator = _build_evaluator(config, engine, reward_pool, tokenize, prompt_set.prompts, run_log)
-    return RolloutSide(engine=engine, reward_pool=reward_pool, loader=loader, tokenize=tokenize, evaluator=evaluator)
-
-
-def _build_critic(config: Config, model_dir: Path):
-    """The PPO critic (every rank) when the estimator is GAE, started from the policy's checkpoint; else None."""
-    if config.algorithm.estimator != "gae":
-        return None
-    from guide_mega.training.critic import MegatronCritic
-
-    return MegatronCritic(**_model_options(config, model_dir))
-
-
-def _model_options(config: Config, model_dir: Path) -> dict:
-    """The keyword arguments the policy and the critic share: the model at `model_dir` and the run's settings."""
-    return {
-        "model": dataclasses.replace(config.model, path=str(model_dir)),
-        "parallel": config.parallel,
-        "algorithm": config.algorithm,
-        "optimizer": config.optimizer,
-        "train": config.train,
-        "total_optimizer_steps": config.train.steps * config.train.mini_batches_per_step,
-    }
-
-
-def _device(config: Config) -> str:
-    if config.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.train.device
-
-
-def _build_engine(config: Config, model_dir: Path):
-    """Rank 0's rollout engine: HF, a colocated sglang.Engine, or a client of a separate SGLang server, which gets
-    weights over an NCCL group when rollout.sglang_weight_group is set and through a shared directory otherwise."""
-    from guide_mega.rollout.factory import create_rollout_engine
-
-    engine = create_rollout_engine(model_dir, config.rollout, device=_device(config))
-    group = config.rollout.sglang_weight_group
-    if config.rollout.engine == "sglang" and config.rollout.sglang_url and group:
-        host, _, port = group.rpartition(":")
-        backend = "nccl" if _device(config) == "cuda" else "gloo"
-        engine.init_weight_group(master_address=host, master_port=int(port), backend=backend)
-    return engine
-
-
-def _build_evaluator(config: Config, engine, reward_pool, tokenize: Tokenize, training_prompts: list, run_log):
-    """The PeriodicEvaluator of train.eval_every on data.eval_source minus any problem also in the training data
-    (how many those were is logged)."""
-    from guide_mega.data import load_prompt_source
-    from guide_mega.evaluation.runner import EvalSettings, PeriodicEvaluator
-
-    if not config.data.eval_source:
-        raise ValueError("train.eval_every needs data.eval_source (held-out problems)")
-    eval_data = dataclasses.replace(config.data, source_options=config.data.eval_source_options)
-    seen = {repr(prompt.prompt) for prompt in training_prompts}
-    candidates = load_prompt_source(config.data.eval_source, eval_data).prompts
-    prompts = [prompt for prompt in candidates if repr(prompt.prompt) not in seen]
-    if not prompts:
-        raise ValueError(f"data.eval_source {config.data.eval_source!r}: every problem is also in the training data")
-    run_log.message(
-        f"eval: {len(prompts)} held-out problems from {config.data.eval_source} "
-        f"({len(candidates) - len(prompts)} left out: also in the training data)"
-    )
-    settings = EvalSettings(
-        num_samples=config.train.eval_samples,
-        sampling=SamplingParams.from_config(config.rollout, seed=config.train.seed),
-        max_prompt_tokens=config.data.max_prompt_tokens,
-    )
-    return PeriodicEvaluator(
-        engine=engine, reward_pool=reward_pool, prompts=prompts, tokenize=tokenize, settings=settings,
-        every=config.train.eval_every, output_dir=Path(config.logging.run_dir) / "eval",
-    )  # fmt: skip

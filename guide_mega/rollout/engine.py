@@ -16,6 +16,8 @@ sees the training backend.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,7 +41,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end a response like end-of-sequence does (kept in the response)."""
     seed: int | None = None
-    """Seed for the engine's sampler; None leaves it unseeded."""
+    """Seed for the engine's sampler (per request, see `request_seed`); None leaves it unseeded."""
     ignore_eos: bool = False
     """Generate exactly max_new_tokens (benchmarks): end-of-sequence and stop tokens do not stop a response."""
 
@@ -82,11 +84,22 @@ class Completion:
             raise ValueError(f"completion has {len(self.logprobs)} logprobs for {len(self.response_ids)} tokens")
 
 
+def request_seed(seed: int, *key: object) -> int:
+    """A request's own sampling seed, from the step's `seed` and a key naming the request (prompt id, wave, sample
+    index): a stable 63-bit hash, so a request samples the same tokens whichever engine, batch or position it
+    lands in."""
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class RolloutEngine(Protocol):
     """What the trainer needs from an inference engine."""
 
-    def generate(self, requests: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Completion]:
-        """One completion per request (a prompt's token ids), in request order."""
+    def generate(
+        self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
+        """One completion per request (a prompt's token ids), in request order. With `seeds`, request i is sampled
+        from its own random stream seeded by seeds[i], independent of the other requests of the call."""
         ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -102,6 +115,38 @@ class RolloutEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class WeightSyncError(RuntimeError):
+    """An engine holds other weights than the trainer pushed: the weight sync did not reach it."""
+
+
+# What rollout.check_weight_sync compares after a push (HF names): the embedding, the first layer's q_proj, the
+# final norm and the LM head; of each, the first rows of a matrix or the first values of a vector.
+CHECKED_WEIGHTS = re.compile(
+    r"(^|\.)(embed_tokens|lm_head|layers\.0\.self_attn\.q_proj)\.weight$|^model\.norm\.weight$"
+)
+_CHECK_ROWS, _CHECK_VALUES = 4, 4096
+
+
+def weight_head(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a weight that a sync check compares, as float32 on CPU (a copy)."""
+    head = tensor.detach()[: _CHECK_ROWS if tensor.dim() > 1 else _CHECK_VALUES]
+    return head.to("cpu", torch.float32, copy=True)
+
+
+def compare_weight_heads(where: str, name: str, held: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
+    """Raise WeightSyncError unless `held` equals `expected` within `tolerance` relative (the dtypes' rounding)."""
+    if held.shape != expected.shape:
+        raise WeightSyncError(f"{where}: {name} has shape {tuple(held.shape)}, the trainer's {tuple(expected.shape)}")
+    excess = (held - expected).abs() - tolerance * expected.abs() - torch.finfo(torch.float32).tiny
+    if (excess > 0).any():
+        worst = int(excess.flatten().argmax())
+        raise WeightSyncError(
+            f"{where} holds other values of {name} than the trainer pushed: at flat index {worst} "
+            f"{held.flatten()[worst].item():.6g} vs {expected.flatten()[worst].item():.6g} (tolerance "
+            f"{tolerance:.3g} relative); the weight sync did not reach it"
+        )
 
 
 def bucket_named_tensors(

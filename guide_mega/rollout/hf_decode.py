@@ -29,8 +29,14 @@ from guide_mega.rollout.engine import Completion, SamplingParams
 _STOP_WINDOW_MARGIN = 4
 
 
-def sample_next_tokens(logits_AV: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled (or greedy) token ids [A] and their logprobs [A] under the temperature-scaled, untruncated softmax."""
+def sample_next_tokens(
+    logits_AV: torch.Tensor, sampling: SamplingParams, *, generators: Sequence[torch.Generator] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled (or greedy) token ids [A] and their logprobs [A] under the temperature-scaled, untruncated softmax.
+
+    With `generators` (one per row), row a draws its token from generators[a] alone (Gumbel-max over the
+    truncated scores), so its sample does not depend on the other rows of the batch; else torch's global RNG.
+    """
     temperature = 1.0 if sampling.is_greedy else sampling.temperature
     scores_AV = logits_AV.float() / temperature
     logprobs_AV = torch.log_softmax(scores_AV, dim=-1)
@@ -41,8 +47,17 @@ def sample_next_tokens(logits_AV: torch.Tensor, sampling: SamplingParams) -> tup
             scores_AV = TopKLogitsWarper(sampling.top_k)(None, scores_AV)
         if sampling.top_p < 1.0:
             scores_AV = TopPLogitsWarper(sampling.top_p)(None, scores_AV)
-        token_ids_A = torch.multinomial(torch.softmax(scores_AV, dim=-1), num_samples=1).squeeze(1)
+        token_ids_A = _draw(scores_AV, generators)
     return token_ids_A, logprobs_AV.gather(1, token_ids_A[:, None]).squeeze(1)
+
+
+def _draw(scores_AV: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    if generators is None:
+        return torch.multinomial(torch.softmax(scores_AV, dim=-1), num_samples=1).squeeze(1)
+    vocab = scores_AV.shape[1]
+    uniform_AV = torch.stack([torch.rand(vocab, generator=g, device=scores_AV.device) for g in generators])
+    gumbel_AV = -torch.log(-torch.log(uniform_AV.clamp(min=1e-20, max=1.0 - 1e-7)))
+    return (scores_AV + gumbel_AV).argmax(dim=-1)
 
 
 class _Response:
@@ -103,9 +118,12 @@ def sample_batch(
     tokenizer: Any,
     pad_id: int,
     stop_ids: set[int],
+    seeds: Sequence[int] | None = None,
 ) -> list[Completion]:
-    """One completion per request (prompt token ids), all decoded together; `stop_ids` end a sequence."""
+    """One completion per request (prompt token ids), all decoded together; `stop_ids` end a sequence. With
+    `seeds`, each request samples from its own generator (see `sample_next_tokens`)."""
     device = next(model.parameters()).device
+    generators = None if seeds is None else [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     distinct = list(dict.fromkeys(tuple(ids) for ids in requests))
     prompt_row = {ids: row for row, ids in enumerate(distinct)}
     rows_B = torch.tensor([prompt_row[tuple(ids)] for ids in requests], device=device)
@@ -118,7 +136,8 @@ def sample_batch(
     responses = [_Response(stop_ids=stop_ids, stop=sampling.stop, tokenizer=tokenizer) for _ in requests]
     running = list(range(len(requests)))
     for step in range(sampling.max_new_tokens):
-        token_ids_A, logprobs_A = sample_next_tokens(logits_AV, sampling)
+        rows = None if generators is None else [generators[seq] for seq in running]
+        token_ids_A, logprobs_A = sample_next_tokens(logits_AV, sampling, generators=rows)
         tokens, logprobs, keep = token_ids_A.tolist(), logprobs_A.tolist(), []
         for slot, seq in enumerate(running):
             responses[seq].append(tokens[slot], logprobs[slot])

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from guide_mega.config import RolloutConfig
-from guide_mega.rollout.engine import Completion, SamplingParams
+from guide_mega.rollout.engine import Completion, SamplingParams, compare_weight_heads, weight_head
 from guide_mega.rollout.hf_decode import sample_batch
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,18 @@ class HFEngine:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
         return cls(model_path, device=device, dtype=dtype, batch_size=config.batch_size)
 
-    def generate(self, requests: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Completion]:
-        """Completions in request order, generated `batch_size` requests at a time."""
+    def generate(
+        self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[Completion]:
+        """Completions in request order, generated `batch_size` requests at a time; with `seeds`, each request from
+        its own random stream (the same tokens whatever the batch size and the other requests)."""
         if self._is_asleep:
             raise RuntimeError("HFEngine.generate called while asleep; call wake() first")
         if any(len(ids) == 0 for ids in requests):
             raise ValueError("HFEngine.generate: every request needs at least one prompt token")
-        if sampling.seed is not None:
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"HFEngine.generate: {len(seeds)} seeds for {len(requests)} requests")
+        if sampling.seed is not None and seeds is None:
             torch.manual_seed(sampling.seed)
         completions: list[Completion] = []
         for start in range(0, len(requests), self.batch_size):
@@ -68,6 +73,7 @@ class HFEngine:
                 tokenizer=self.tokenizer,
                 pad_id=self.pad_id,
                 stop_ids=set() if sampling.ignore_eos else self.eos_ids | set(sampling.stop_token_ids),
+                seeds=None if seeds is None else seeds[start : start + self.batch_size],
             )
         return completions
 
@@ -88,6 +94,15 @@ class HFEngine:
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             num_updated += 1
         logger.debug("HFEngine: updated %d tensors", num_updated)
+
+    def check_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Raise WeightSyncError unless the model's first values of these tensors equal the given ones (the
+        trainer's, after a push) within the rounding of the two dtypes."""
+        parameters = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, tensor in named_tensors:
+            held = parameters[name]
+            tolerance = max(torch.finfo(held.dtype).eps, torch.finfo(tensor.dtype).eps)
+            compare_weight_heads("HFEngine", name, weight_head(held), weight_head(tensor), tolerance)
 
     def sleep(self) -> None:
         """Move the weights to host memory (a GPU engine frees its memory; on the CPU nothing changes)."""

@@ -6,6 +6,7 @@ one. The data-parallel size is what remains: world_size / (tensor * pipeline * c
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -38,25 +39,30 @@ class ParallelLayout:
         return self.pipeline_rank == self.pipeline - 1
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(backend: str, timeout: datetime.timedelta | None) -> None:
     if dist.is_initialized():
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         return
     # A single process outside torchrun: an in-memory store is enough for a world of one.
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
-def init_parallel(*, tensor: int = 1, pipeline: int = 1, context: int = 1, seed: int = 1) -> ParallelLayout:
+def init_parallel(
+    *, tensor: int = 1, pipeline: int = 1, context: int = 1, seed: int = 1, timeout: datetime.timedelta | None = None
+) -> ParallelLayout:
     """Initialise torch.distributed and Megatron's model-parallel groups (idempotent for the same layout; a
-    different layout in the same process raises: call `destroy_parallel` first)."""
+    different layout in the same process raises: call `destroy_parallel` first).
+
+    `timeout` bounds every collective (the NCCL watchdog included): ranks wait in one while rank 0 samples, scores or
+    evaluates, so the run's parallel.timeout_minutes replaces torch's 10-minute default. None keeps the default."""
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         apply_cpu_shims()
-    _init_process_group("nccl" if on_gpu else "gloo")
+    _init_process_group("nccl" if on_gpu else "gloo", timeout)
     world_size = dist.get_world_size()
     model_parallel = tensor * pipeline * context
     if world_size % model_parallel:
@@ -70,10 +76,12 @@ def init_parallel(*, tensor: int = 1, pipeline: int = 1, context: int = 1, seed:
             requested = (tensor, pipeline, context)
             raise ValueError(f"Megatron is already initialised with (TP, PP, CP) = {existing_sizes}, not {requested}")
     else:
+        minutes = {} if timeout is None else {"distributed_timeout_minutes": int(timeout.total_seconds() // 60)}
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor,
             pipeline_model_parallel_size=pipeline,
             context_parallel_size=context,
+            **minutes,
         )
     if on_gpu:
         # Megatron's CUDA RNG streams (weight init, dropout); on CPU the shimmed tracker needs none.

@@ -153,3 +153,63 @@ def test_bucketing_and_record_checks():
         Completion(response_ids=[1], logprobs=[0.0, 0.0], finish_reason="stop")
     with pytest.raises(ValueError, match="invalid sampling parameters"):
         SamplingParams(top_p=0.0)
+
+
+def test_per_request_seeds_make_samples_independent_of_batching_and_neighbours(tiny_model_dir, prompt_ids):
+    """A request with its own seed samples the same tokens alone, in another batch size, beside other requests,
+    or at another position; the draws follow the tempered, truncated distribution (top-k holds)."""
+    sampling = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=12, seed=1)
+    requests = [prompt_ids[0], prompt_ids[1], prompt_ids[0], prompt_ids[2]]
+    seeds = [11, 12, 13, 14]
+    together = HFEngine(tiny_model_dir, batch_size=4).generate(requests, sampling, seeds=seeds)
+    one_by_one = HFEngine(tiny_model_dir, batch_size=1)
+    reordered = one_by_one.generate(requests[::-1], sampling, seeds=seeds[::-1])[::-1]
+    assert [c.response_ids for c in reordered] == [c.response_ids for c in together]
+    assert together[0].response_ids != together[2].response_ids  # same prompt, own seed, own sample
+    for prompt, completion in zip(requests, together, strict=True):
+        logits_RV = check_logprobs(one_by_one.model, prompt, completion, temperature=1.0)
+        top20_RK = logits_RV.topk(20, dim=-1).indices
+        assert all(token in top20_RK[step] for step, token in enumerate(completion.response_ids))
+    with pytest.raises(ValueError, match="2 seeds for 4 requests"):
+        one_by_one.generate(requests, sampling, seeds=seeds[:2])
+
+
+def test_seeded_sampling_draws_from_the_model_distribution():
+    """Gumbel-max with per-row generators samples each token with its softmax probability (chi-square-free check:
+    empirical frequencies within 4 standard errors over 20k draws of a fixed 5-way distribution)."""
+    from guide_mega.rollout.hf_decode import sample_next_tokens
+
+    probs_V = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    logits_AV = probs_V.log().expand(20000, -1).clone()
+    generators = [torch.Generator().manual_seed(seed) for seed in range(20000)]
+    tokens_A, logprobs_A = sample_next_tokens(logits_AV, SamplingParams(temperature=1.0), generators=generators)
+    counts_V = torch.bincount(tokens_A, minlength=5).double() / 20000
+    stderr_V = (probs_V.double() * (1 - probs_V.double()) / 20000).sqrt()
+    assert ((counts_V - probs_V.double()).abs() <= 4 * stderr_V).all(), counts_V
+    torch.testing.assert_close(logprobs_A, probs_V.log()[tokens_A])
+
+
+def test_requests_are_spread_by_expected_tokens_and_engines_sit_on_group_leaders():
+    from guide_mega.rollout.fleet import EngineLayout, split_by_expected_tokens
+
+    shards = split_by_expected_tokens([10, 1, 1, 1, 9, 2], 2)
+    assert sorted(i for shard in shards for i in shard) == list(range(6))
+    assert sorted(sum([10, 1, 1, 1, 9, 2][i] for i in shard) for shard in shards) == [12, 12]
+    assert all(shard == sorted(shard) for shard in shards)
+    assert EngineLayout(16, 8, 4).owners == [0, 4, 8, 12]
+    assert EngineLayout(4, 4, 1).owners == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="must divide the 8 ranks per node"):
+        EngineLayout(16, 8, 3)
+
+
+def test_check_weights_passes_after_a_push_and_names_a_tensor_that_did_not_arrive(tiny_model_dir):
+    from guide_mega.rollout.engine import WeightSyncError
+
+    engine = HFEngine(tiny_model_dir, batch_size=2)
+    norm = engine.model.model.norm.weight.detach().clone() + 0.5
+    engine.update_weights([("model.norm.weight", norm)])
+    engine.check_weights(
+        [("model.norm.weight", norm), ("model.embed_tokens.weight", engine.model.model.embed_tokens.weight)]
+    )
+    with pytest.raises(WeightSyncError, match="HFEngine holds other values of model.norm.weight"):
+        engine.check_weights([("model.norm.weight", norm + 1.0)])

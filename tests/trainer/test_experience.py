@@ -9,11 +9,12 @@ import dataclasses
 
 import pytest
 
+from guide_mega.build import build_trainer
 from guide_mega.config import RewardConfig
 from guide_mega.experience import first_wave, hinted_wave, score_groups
 from guide_mega.rewards import RewardPool
 from guide_mega.rollout.engine import Completion, SamplingParams
-from guide_mega.trainer import Trainer, build_trainer
+from guide_mega.trainer import Trainer
 from guide_mega.types import Prompt
 
 HINT_MARK = 7  # token id the toy tokenizer gives the word 'Hint'
@@ -34,7 +35,7 @@ class ScriptedEngine:
         self.solved, self.answer, self.group_size = solved, answer, group_size
         self.calls = []
 
-    def generate(self, requests, sampling):
+    def generate(self, requests, sampling, *, seeds=None):
         self.calls.append((len(requests), sampling))
         completions = []
         for index, ids in enumerate(requests):
@@ -112,7 +113,9 @@ def _say_one_trainer(tiny_run_config, run_name, solved_by_prompt, **overrides):
         by_ids[tuple(tokenize(plain))], by_ids[tuple(tokenize(hinted))] = solved_by_prompt(index)
     engine = ScriptedEngine(lambda ids: by_ids[tuple(ids)], lambda ids: "1", group_size=4)
     rollout = dataclasses.replace(trainer.rollout, engine=engine)
-    return Trainer(trainer.config, policy=trainer.policy, critic=None, rollout=rollout, run_log=trainer.run_log), engine
+    rebuilt = Trainer(trainer.config, policy=trainer.policy, critic=None, rollout=rollout, engines=trainer.engines,
+                      run_log=trainer.run_log)  # fmt: skip
+    return rebuilt, engine
 
 
 def test_metrics_of_every_filter_round_add_up(tiny_run_config):

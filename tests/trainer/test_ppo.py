@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from guide_mega.trainer import build_trainer, run_training
+from guide_mega.build import build_trainer
+from guide_mega.trainer import run_training
 
 _PPO = {
     "algorithm.estimator": "gae",

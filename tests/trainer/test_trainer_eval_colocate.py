@@ -4,9 +4,10 @@ with the real HF engine, reward pool and Megatron policy."""
 import dataclasses
 import json
 
+from guide_mega.build import build_trainer
 from guide_mega.evaluation.metrics_file import read_metrics
 from guide_mega.evaluation.passk import EvalResults
-from guide_mega.trainer import Trainer, build_trainer, run_training
+from guide_mega.trainer import Trainer, run_training
 from guide_mega.training.checkpoint import weight_fingerprint
 
 
@@ -42,9 +43,9 @@ class RecordingEngine:
     def _note(self, name):
         self.calls.append((name, self.fingerprint()))
 
-    def generate(self, requests, sampling):
+    def generate(self, requests, sampling, *, seeds=None):
         self._note("generate")
-        return self.engine.generate(requests, sampling)
+        return self.engine.generate(requests, sampling, seeds=seeds)
 
     def update_weights(self, named_tensors):
         self._note("update_weights")
@@ -67,7 +68,9 @@ def test_colocated_engine_sleeps_while_the_policy_trains(tiny_run_config):
     built = build_trainer(tiny_run_config("colocated", **{"train.colocate": True, "train.steps": 1}))
     engine = RecordingEngine(built.rollout.engine, lambda: weight_fingerprint(built.policy.module))
     rollout = dataclasses.replace(built.rollout, engine=engine)
-    trainer = Trainer(built.config, policy=built.policy, critic=None, rollout=rollout, run_log=built.run_log)
+    engines = dataclasses.replace(built.engines, local=engine)
+    trainer = Trainer(built.config, policy=built.policy, critic=None, rollout=rollout, engines=engines,
+                      run_log=built.run_log)  # fmt: skip
     try:
         trainer.fit()
     finally:
