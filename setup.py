@@ -44,12 +44,13 @@ def _optional_build_ext(cpp_extension):
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         def run(self) -> None:
-            # build_ext.run swaps the compiler option (a name) for a compiler object; a retry needs the name back.
-            compiler_option = self.compiler
+            # build_ext.run swaps the compiler option (a name) for a compiler object, and setuptools' run clears
+            # `inplace` until it finishes (so a failed run leaves it cleared): a retry needs both back.
+            compiler_option, inplace = self.compiler, self.inplace
             error = self._try_run()
             if error is not None and any(src.endswith(".cu") for ext in self.extensions for src in ext.sources):
                 _warn(f"building {_EXTENSION_NAME} with CUDA failed ({error}); retrying for CPU only")
-                self.compiler = compiler_option
+                self.compiler, self.inplace = compiler_option, inplace
                 self._drop_cuda()
                 error = self._try_run()
             if error is not None:
@@ -95,7 +96,8 @@ def _extension_setup_args() -> dict:
     """ext_modules and cmdclass that build guide_mega._C, or none when torch is not importable at build time or
     GUIDE_MEGA_SKIP_EXTENSION=1 (for builds that test only the packaging).
 
-    CUDA sources join when torch is a CUDA build and the CUDA toolkit (nvcc) is found.
+    CUDA sources join when torch is a CUDA build and the CUDA toolkit (nvcc) is found. The CUDA kernel needs compute
+capability 6.0 or newer (float64 atomicAdd; the source refuses older targets); CUDA 13 itself starts at 7.5.
     """
     if os.environ.get("GUIDE_MEGA_SKIP_EXTENSION") == "1":
         _warn(f"GUIDE_MEGA_SKIP_EXTENSION=1: skipping {_EXTENSION_NAME}")

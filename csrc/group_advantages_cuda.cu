@@ -8,6 +8,11 @@
 
 #include "group_advantages.h"
 
+// The per-group sums use atomicAdd on doubles, which the hardware has from compute capability 6.0 (Pascal) on.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+#error "guide_mega._C needs compute capability 6.0 or newer (atomicAdd on double); set TORCH_CUDA_ARCH_LIST accordingly"
+#endif
+
 #include <algorithm>
 
 #include <ATen/Dispatch.h>

@@ -103,6 +103,12 @@ _RECOMPUTE = {"none": {}, "selective": {"recompute_granularity": "selective"}}
 _RECOMPUTE["full"] = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
+def fusion_options(fused: bool) -> dict[str, bool]:
+    """Megatron's RoPE, SwiGLU and gradient-accumulation fusions: on with Transformer Engine (which Megatron's
+    config checks for them), off without."""
+    return {"apply_rope_fusion": fused, "bias_activation_fusion": fused, "gradient_accumulation_fusion": fused}
+
+
 def transformer_config(
     arch: ModelArchitecture,
     *,
@@ -112,12 +118,15 @@ def transformer_config(
     dtype: torch.dtype,
     recompute: str = "none",
     use_cpu_initialization: bool,
+    fused: bool = False,
 ) -> TransformerConfig:
     """The Megatron TransformerConfig equivalent to the HF architecture, for the given parallel layout.
 
-    Fused kernels that need Apex or Transformer Engine stay off (the TE layer spec brings its own fusions);
-    dropout is 0 as in the HF checkpoints; losses are normalised by us (`calculate_per_token_loss`), see
-    `train_step.py`.
+    fused=True (Transformer Engine present: its layer spec, packed sequences) turns on Megatron's fusions: the fused
+    RoPE (the unfused one takes a Python path with a host sync per layer on packed sequences), the fused SwiGLU
+    and gradient accumulation into the main gradients inside TE's linear layers. Without TE they stay off: they
+    need Apex or TE. Dropout is 0 as in the HF checkpoints; losses are normalised by us
+    (`calculate_per_token_loss`), see `train_step.py`.
     """
     if recompute not in _RECOMPUTE:
         raise ValueError(f"model.recompute must be one of {list(_RECOMPUTE)}, got {recompute!r}")
@@ -137,12 +146,10 @@ def transformer_config(
         qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **fusion_options(fused),
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         sequence_parallel=sequence_parallel,

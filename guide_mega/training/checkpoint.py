@@ -132,12 +132,18 @@ def _savable_optimizer_state(optimizer):
     steps all had no reward variance, then preempted). For the save it gets zero moments at step 0, which is what
     a fresh Adam is; the parameters its dummy step moved (weight decay) are put back before anything is written,
     and the state is emptied again afterwards, so the next real step is the same whether or not a save happened.
+    Torch's Adam counts steps in each parameter's state; Transformer Engine's FusedAdam counts them in the param
+    groups, so the groups' counters are written as 0 and put back as they were too.
     """
     fresh = [inner for inner in getattr(optimizer, "chained_optimizers", [optimizer]) if not inner.optimizer.state]
+    group_steps = {id(inner): [group.get("step") for group in inner.optimizer.param_groups] for inner in fresh}
     for inner in fresh:
         params = [p for group in inner.optimizer.param_groups for p in group["params"]]
         copies = [p.detach().clone() for p in params]
         inner._init_optimizer_states_with_dummy_values()
+        for group in inner.optimizer.param_groups:
+            if "step" in group:
+                group["step"] = torch.zeros_like(group["step"]) if torch.is_tensor(group["step"]) else 0
         with torch.no_grad():
             for param, copy in zip(params, copies, strict=True):
                 param.copy_(copy)
@@ -150,6 +156,11 @@ def _savable_optimizer_state(optimizer):
     finally:
         for inner in fresh:
             inner.optimizer.state.clear()
+            for group, step in zip(inner.optimizer.param_groups, group_steps[id(inner)], strict=True):
+                if step is None:
+                    group.pop("step", None)
+                else:
+                    group["step"] = step
 
 
 def save_checkpoint(

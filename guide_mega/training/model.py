@@ -9,6 +9,7 @@ are never materialised, and the critic maps them to values with its scalar head.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -26,6 +27,32 @@ from guide_mega.training.distributed import ParallelLayout
 def transformer_engine_available() -> bool:
     """Transformer Engine needs CUDA; on CPU machines the local spec is used."""
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_engine_version() -> str:
+    """The installed Transformer Engine's version ('' when it is not installed)."""
+    try:
+        return importlib.metadata.version("transformer_engine")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+# Transformer Engine up to 2.10 has no attention backend for fp32 packed (THD) sequences.
+_FIRST_TE_WITH_FP32_THD = (2, 11)
+
+
+def check_packed_attention_dtype(dtype: torch.dtype, te_version: str) -> None:
+    """Refuse an fp32 model with packed sequences on a Transformer Engine that cannot attend over them in fp32,
+    with a message that says what to change (rather than TE's own failure deep inside the first forward)."""
+    if dtype != torch.float32:
+        return
+    release = tuple(int(part) for part in te_version.split("+")[0].split(".")[:2] if part.isdigit())
+    if release < _FIRST_TE_WITH_FP32_THD:
+        raise ValueError(
+            f"model.dtype=float32 with Transformer Engine {te_version or '(unknown version)'}: TE before "
+            f"{'.'.join(map(str, _FIRST_TE_WITH_FP32_THD))} has no fp32 attention for packed sequences; "
+            "use model.dtype=bfloat16 or a newer Transformer Engine"
+        )
 
 
 class HiddenStatesGPTModel(GPTModel):

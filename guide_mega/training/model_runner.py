@@ -31,7 +31,12 @@ from guide_mega.training.micro_batches import (
     MicroBatch,
     plan_micro_batches,
 )
-from guide_mega.training.model import build_gpt_model, transformer_engine_available
+from guide_mega.training.model import (
+    build_gpt_model,
+    check_packed_attention_dtype,
+    transformer_engine_available,
+    transformer_engine_version,
+)
 from guide_mega.training.optimizer import build_optimizer, wrap_data_parallel
 from guide_mega.training.train_step import gradients_are_finite, reduce_step_metrics
 from guide_mega.training.weight_loading import load_hf_weights
@@ -77,10 +82,13 @@ class ModelRunner:
             dtype=self.dtype,
             recompute=model.recompute,
             use_cpu_initialization=not torch.cuda.is_available(),
+            fused=transformer_engine_available(),
         )
         # THD packing needs Transformer Engine's attention; the local spec gets right-padded rows with an explicit
         # mask, which lets the samples of a prompt share one copy of it.
         self.packed = transformer_engine_available()
+        if self.packed:
+            check_packed_attention_dtype(self.dtype, transformer_engine_version())
         self.share_prompts = share_prompts and not self.packed
         self.pad_multiple = parallel.tensor if parallel.sequence_parallel else 1
         self.module = build_gpt_model(arch, self.config, layout, critic=critic)

@@ -49,3 +49,16 @@ def test_resume_continues_exactly(unigram_model_dir, say_one_prompts, tmp_path):
     assert [row["step"] for row in interrupted + resumed[2:]] == [1, 2, 3]
     for key in _COMPARED:
         assert resumed[2].get(key) == pytest.approx(straight[2].get(key), rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.slow
+def test_a_stop_file_checkpoints_after_the_step_and_a_rerun_continues(unigram_model_dir, say_one_prompts, tmp_path):
+    """Preemption without signals reaching the workers (torchrun kills them ~30 s after a SIGTERM): the batch
+    script writes the stop file, the run saves after its step and exits, and the requeued run resumes."""
+    config = _config(unigram_model_dir, say_one_prompts, tmp_path / "run", **{"checkpoint.every": 0})
+    (tmp_path / "run").mkdir()
+    stop_file = tmp_path / "run" / "STOP"
+    stop_file.touch()
+    assert [row["step"] for row in _run(config)] == [1]
+    assert not stop_file.exists() and (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
+    assert [row["step"] for row in _run(config)] == [1, 2, 3]

@@ -67,3 +67,31 @@ def test_sequence_parallel_without_transformer_engine_is_refused(tiny_checkpoint
             tiny_checkpoints["qwen2"], arch, init_parallel(), model=ModelConfig(dtype="float32"),
             parallel=ParallelConfig(tensor=2, sequence_parallel=True), micro_batch_tokens=64,
         )  # fmt: skip
+
+
+def test_fusions_follow_transformer_engine(tiny_checkpoints):
+    """With TE the fusions are on (Megatron refuses them without TE, so only their absence is built here)."""
+    from guide_mega.training.architecture import fusion_options
+
+    assert fusion_options(True) == dict.fromkeys(fusion_options(False), True)
+    names = ("apply_rope_fusion", "bias_activation_fusion", "gradient_accumulation_fusion")
+    assert set(fusion_options(True)) == set(names)
+    arch = read_architecture(tiny_checkpoints["llama"])
+    plain = transformer_config(arch, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False,
+                               dtype=torch.bfloat16, use_cpu_initialization=True)  # fmt: skip
+    assert not any(getattr(plain, name) for name in names)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "version", "refused"),
+    [(torch.float32, "2.10.0", True), (torch.float32, "2.8.0+cu12", True), (torch.float32, "2.11.0", False),
+     (torch.bfloat16, "2.8.0", False), (torch.float32, "", True)],
+)  # fmt: skip
+def test_fp32_packed_attention_needs_a_recent_transformer_engine(dtype, version, refused):
+    from guide_mega.training.model import check_packed_attention_dtype
+
+    if refused:
+        with pytest.raises(ValueError, match="model.dtype=float32 with Transformer Engine .*use model.dtype=bfloat16"):
+            check_packed_attention_dtype(dtype, version)
+    else:
+        check_packed_attention_dtype(dtype, version)

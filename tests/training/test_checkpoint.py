@@ -123,3 +123,41 @@ def test_a_never_stepped_optimizer_saves_and_resumes_like_a_fresh_one(
     batch = make_train_batch()
     step = _stepper(batch, never_saved.compute_old_logprobs(batch))
     assert [step(never_saved) for _ in range(2)] == expected
+
+
+class _GroupStepAdam(torch.optim.Optimizer):
+    """Transformer Engine's FusedAdam bookkeeping (TE cannot be installed on a CPU machine, so this stands in for
+    it): the step counter lives in the param groups, the moments in the per-parameter state."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            for param in group["params"]:
+                self.state[param]["exp_avg"] = torch.zeros_like(param) + 1.0
+
+
+class _Inner:
+    """The part of a Megatron optimizer the save path uses: `.optimizer` and the dummy-state initialiser (which,
+    like Megatron's, steps once on zero gradients)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def _init_optimizer_states_with_dummy_values(self):
+        self.optimizer.step()
+
+
+def test_a_never_stepped_fused_adam_saves_at_step_zero_and_keeps_no_trace():
+    from guide_mega.training.checkpoint import _savable_optimizer_state
+
+    param = torch.nn.Parameter(torch.ones(3))
+    inner = _Inner(_GroupStepAdam([param]))
+    with _savable_optimizer_state(inner):
+        assert inner.optimizer.param_groups[0]["step"] == 0  # what is written: a fresh optimizer
+        assert torch.equal(inner.optimizer.state[param]["exp_avg"], torch.zeros(3))
+    assert "step" not in inner.optimizer.param_groups[0] and not inner.optimizer.state
+    assert torch.equal(param.detach(), torch.ones(3))

@@ -83,3 +83,18 @@ def test_bf16_guide_steps_decrease_the_loss(tiny_checkpoints, single_process_meg
     old_logprobs_T = policy.compute_old_logprobs(batch)
     losses = [train_step(policy, batch, old_logprobs_T=old_logprobs_T)["loss"] for _ in range(4)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_bf16_logprobs_and_loss_are_within_tolerance_of_fp32(tiny_checkpoints, single_process_megatron, no_tf32):
+    """The same Guide step in bf16 and in fp32 on one GPU, both against the fp32 policy's old logprobs: the bf16
+    logprobs and loss agree with fp32 to bf16 precision (2^-8 per rounded value, compounded over the layers)."""
+    from policy_probes import make_policy, train_step
+
+    batch = make_train_batch()
+    fp32, bf16 = make_policy(tiny_checkpoints["qwen2"]), make_policy(tiny_checkpoints["qwen2"], dtype="bfloat16")
+    fp32_T, bf16_T = fp32.compute_logprobs(batch), bf16.compute_logprobs(batch)
+    assert (bf16_T - fp32_T).abs().mean() < 3e-2 and (bf16_T - fp32_T).abs().max() < 0.25
+    old_T = fp32.compute_old_logprobs(batch)
+    fp32_loss = train_step(fp32, batch, old_logprobs_T=old_T)["loss"]
+    bf16_loss = train_step(bf16, batch, old_logprobs_T=old_T)["loss"]
+    assert bf16_loss == pytest.approx(fp32_loss, rel=5e-2, abs=5e-3)
