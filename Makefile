@@ -39,7 +39,7 @@ test: $(STAMP)
 
 # The real SGLang CPU server tests: builds SGLang's own virtual environment (~2.6 GB, ~5 min) on first use.
 test-sglang: $(STAMP)
-	GUIDE_MEGA_BUILD_SGLANG_VENV=1 $(BIN)/python -m pytest -m sglang tests/rollout $(PYTEST_ARGS)
+	GUIDE_MEGA_BUILD_SGLANG_VENV=1 $(BIN)/python -m pytest -m sglang tests/rollout tests/trainer $(PYTEST_ARGS)
 
 # Proof without a GPU (docs: DESIGN.md section 11): every Triton kernel launch compiled for sm_90a with our Triton and
 # with the GPU image's (GPU_TRITON, installed alone under .cache/ and put ahead of ours on PYTHONPATH: compiling needs
