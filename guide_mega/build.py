@@ -64,7 +64,8 @@ def _build_engines(config: Config, model_dir: Path, objects) -> RolloutEngines:
     """This rank's engine if it owns one, and the gloo group of the owners (a collective: every rank calls it)."""
     owners = engine_owners(config)
     group = dist.new_group(owners, backend="gloo", timeout=_timeout(config)) if len(owners) > 1 else None
-    local = _build_engine(config, model_dir) if _rank() in owners else None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local = _build_engine(config, model_dir, gpu_id=local_rank) if _rank() in owners else None
     return RolloutEngines(local=local, group=group, num_engines=len(owners), objects=objects)
 
 
@@ -123,13 +124,13 @@ def _device(config: Config) -> str:
     return config.train.device
 
 
-def _build_engine(config: Config, model_dir: Path):
+def _build_engine(config: Config, model_dir: Path, *, gpu_id: int):
     """This owner's rollout engine: HF, a colocated sglang.Engine, or (rank 0) a client of separate SGLang servers,
     which get weights over one group when rollout.sglang_weight_group is set and through a shared directory
     otherwise."""
     from guide_mega.rollout.factory import create_rollout_engine
 
-    engine = create_rollout_engine(model_dir, config.rollout, device=_device(config))
+    engine = create_rollout_engine(model_dir, config.rollout, device=_device(config), gpu_id=gpu_id)
     group = config.rollout.sglang_weight_group
     if config.rollout.engine == "sglang" and config.rollout.sglang_urls and group:
         host, _, port = group.rpartition(":")

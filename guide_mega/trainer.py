@@ -205,6 +205,9 @@ class Trainer:
                     metrics |= self.critic.train(batch, returns_T=returns_T, old_values_T=old_values_T)
         with timer("weight_sync"):
             self._sync_weights()
+        if self.engines.local is not None and self.config.train.colocate:
+            with timer("engine_wake"):
+                self.engines.local.wake(parts=("kv_cache",))
         num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.num_tokens
         metrics["perf/train_tokens_per_s"] = num_tokens / max(timer.seconds["train"], 1e-9)
         return {**metrics, **timer.metrics(), "train/skipped_step": 0.0, "time/step_s": time.perf_counter() - start}
@@ -245,8 +248,9 @@ class Trainer:
 
     @contextmanager
     def _engine_asleep(self, timer: PhaseTimer):
-        """Colocated mode (train.colocate): every engine frees its GPU memory while the policy trains, and is awake
-        again before the weight sync."""
+        """Colocated mode (train.colocate): every engine frees its GPU memory while the policy trains. On the way
+        out only its weights come back, so the sync writes into them before the KV cache takes its memory again
+        (`_sync_weights`)."""
         engine = self.engines.local if self.config.train.colocate else None
         if engine is not None:
             with timer("engine_sleep"):
@@ -260,7 +264,7 @@ class Trainer:
                     # engine (its own allocator) cannot reach them: hand them back to the device first.
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    engine.wake()
+                    engine.wake(parts=("weights",))
 
     def _sync_weights(self) -> None:
         """Push the updated weights to every engine in buckets: every rank takes part in the export, and each owner

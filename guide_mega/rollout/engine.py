@@ -92,6 +92,11 @@ def request_seed(seed: int, *key: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+# What an engine's wake() can bring back, in the order a colocated step needs them: the weights (for the sync to
+# write into), then the KV cache (and CUDA graphs).
+WAKE_PARTS: tuple[str, ...] = ("weights", "kv_cache")
+
+
 class RolloutEngine(Protocol):
     """What the trainer needs from an inference engine."""
 
@@ -110,8 +115,9 @@ class RolloutEngine(Protocol):
         """Release accelerator memory (weights and KV cache) while the policy trains."""
         ...
 
-    def wake(self) -> None:
-        """Take the memory back; generate works again."""
+    def wake(self, *, parts: Sequence[str] = WAKE_PARTS) -> None:
+        """Take the memory of `parts` back ('weights', then after a weight sync 'kv_cache'); generate works again
+        once both are back."""
         ...
 
     def close(self) -> None: ...

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from guide_mega.rollout.engine import Completion, RolloutEngine, SamplingParams
+from guide_mega.rollout.engine import WAKE_PARTS, Completion, RolloutEngine, SamplingParams
 
 _GENERATE, _STOP = "generate", "stop"
 
@@ -104,8 +104,8 @@ class EngineFleet:
     def sleep(self) -> None:
         self.local_engine.sleep()
 
-    def wake(self) -> None:
-        self.local_engine.wake()
+    def wake(self, *, parts: Sequence[str] = WAKE_PARTS) -> None:
+        self.local_engine.wake(parts=parts)
 
     def close(self) -> None:
         self.local_engine.close()

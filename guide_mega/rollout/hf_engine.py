@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from guide_mega.config import RolloutConfig
-from guide_mega.rollout.engine import Completion, SamplingParams, compare_weight_heads, weight_head
+from guide_mega.rollout.engine import WAKE_PARTS, Completion, SamplingParams, compare_weight_heads, weight_head
 from guide_mega.rollout.hf_decode import sample_batch
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,11 @@ class HFEngine:
             torch.cuda.empty_cache()
         self._is_asleep = True
 
-    def wake(self) -> None:
-        self.model.to(self.device)
-        self._is_asleep = False
+    def wake(self, *, parts: Sequence[str] = WAKE_PARTS) -> None:
+        """Bring the weights back with 'weights' (a KV cache exists only during a generate call)."""
+        if "weights" in parts:
+            self.model.to(self.device)
+            self._is_asleep = False
 
     def close(self) -> None:
         self.model = None

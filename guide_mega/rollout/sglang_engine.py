@@ -36,6 +36,7 @@ import torch
 
 from guide_mega.config import RolloutConfig
 from guide_mega.rollout.engine import (
+    WAKE_PARTS,
     Completion,
     SamplingParams,
     bucket_named_tensors,
@@ -85,6 +86,15 @@ class SGLangServerError(RuntimeError):
 
 class _Retryable(SGLangServerError):
     """A failure that may pass on another try: no connection, or 429/5xx while the server starts or is busy."""
+
+
+def sglang_memory_tags(parts: Sequence[str]) -> list[str]:
+    """SGLang's memory tags for `RolloutEngine.wake` parts: the weights alone, or the KV cache with the CUDA graphs."""
+    tags = {"weights": ["weights"], "kv_cache": ["kv_cache", "cuda_graph"]}
+    unknown = set(parts) - set(tags)
+    if unknown:
+        raise ValueError(f"unknown engine memory parts {sorted(unknown)}; known: {sorted(tags)}")
+    return [tag for part in parts for tag in tags[part]]
 
 
 def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
@@ -560,8 +570,8 @@ class SGLangServerEngine:
     def sleep(self) -> None:
         self._call_all("/release_memory_occupation", {})
 
-    def wake(self) -> None:
-        self._call_all("/resume_memory_occupation", {})
+    def wake(self, *, parts: Sequence[str] = WAKE_PARTS) -> None:
+        self._call_all("/resume_memory_occupation", {"tags": sglang_memory_tags(parts)})
 
     def close(self) -> None:
         """Release the weight group and the client's threads; the servers belong to whoever started them."""
@@ -643,8 +653,8 @@ class SGLangColocatedEngine:
     def sleep(self) -> None:
         self._engine.release_memory_occupation()
 
-    def wake(self) -> None:
-        self._engine.resume_memory_occupation()
+    def wake(self, *, parts: Sequence[str] = WAKE_PARTS) -> None:
+        self._engine.resume_memory_occupation(tags=sglang_memory_tags(parts))
 
     def close(self) -> None:
         self._engine.shutdown()

@@ -171,9 +171,11 @@ def test_sleep_and_wake_reach_every_server(fake_servers):
     servers = [fake_servers(), fake_servers()]
     engine = SGLangServerEngine([server.url for server in servers])
     engine.sleep()
-    engine.wake()
+    engine.wake(parts=("weights",))
+    engine.wake(parts=("kv_cache",))
     for server in servers:
-        assert [path for path, _ in server.calls] == ["/release_memory_occupation", "/resume_memory_occupation"]
+        assert [path for path, _ in server.calls] == ["/release_memory_occupation"] + ["/resume_memory_occupation"] * 2
+        assert [body for _, body in server.calls[1:]] == [{"tags": ["weights"]}, {"tags": ["kv_cache", "cuda_graph"]}]
 
 
 def test_clear_error_when_the_server_is_gone():

@@ -55,16 +55,20 @@ class RecordingEngine:
         self._note("sleep")
         return self.engine.sleep()
 
-    def wake(self):
-        self._note("wake")
-        return self.engine.wake()
+    def wake(self, *, parts):
+        self._note("wake " + "+".join(parts))
+        return self.engine.wake(parts=parts)
+
+    def check_weights(self, named_tensors):
+        return self.engine.check_weights(named_tensors)
 
     def close(self):
         return self.engine.close()
 
 
 def test_colocated_engine_sleeps_while_the_policy_trains(tiny_run_config):
-    """The policy's weights change only while the engine sleeps; the engine is awake again before the sync."""
+    """The policy's weights change only while the engine sleeps; its weights come back before the sync writes into
+    them, and its KV cache after."""
     built = build_trainer(tiny_run_config("colocated", **{"train.colocate": True, "train.steps": 1}))
     engine = RecordingEngine(built.rollout.engine, lambda: weight_fingerprint(built.policy.module))
     rollout = dataclasses.replace(built.rollout, engine=engine)
@@ -76,8 +80,8 @@ def test_colocated_engine_sleeps_while_the_policy_trains(tiny_run_config):
     finally:
         trainer.close()
     names = [name for name, _ in engine.calls]
-    sleep, wake = names.index("sleep"), names.index("wake")
-    assert "generate" in names[:sleep] and "generate" not in names[sleep:wake]
+    sleep, wake = names.index("sleep"), names.index("wake weights")
+    assert "generate" in names[:sleep] and "generate" not in names[sleep:]
     assert engine.calls[sleep][1] != engine.calls[wake][1], "the policy did not train while the engine slept"
-    assert names.index("update_weights") > wake
+    assert sleep < wake < names.index("update_weights") < names.index("wake kv_cache")
     assert {fingerprint for name, fingerprint in engine.calls if name == "update_weights"} == {engine.calls[wake][1]}
