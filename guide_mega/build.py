@@ -36,9 +36,10 @@ def build_trainer(config: Config) -> Trainer:
                   seed=config.train.seed, timeout=_timeout(config))  # fmt: skip
     objects = dist.new_group(backend="gloo", timeout=_timeout(config)) if dist.get_world_size() > 1 else None
     model_dir = broadcast_object(resolve_model_path(config.model.path) if _rank() == 0 else None, objects)
+    # Engines first: SGLang sizes its KV cache from the memory free when it starts (guide-mega plan assumes this).
+    engines = _build_engines(config, model_dir, objects)
     policy = MegatronPolicy(**_model_options(config, model_dir), temperature=config.rollout.temperature)
     critic = _build_critic(config, model_dir)
-    engines = _build_engines(config, model_dir, objects)
     if _rank() != 0:
         return Trainer(config, policy=policy, critic=critic, rollout=None, engines=engines, run_log=NullRunLog())
     run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
