@@ -28,6 +28,7 @@ def _rank() -> int:
 def build_trainer(config: Config) -> Trainer:
     """Everything a run needs, from its config: on every rank the policy (and critic) and its part in the rollout
     engines; on rank 0 the rollout side and the run log."""
+    from guide_mega.training.data_parallel import world_data_ranks
     from guide_mega.training.distributed import init_parallel
     from guide_mega.training.policy import MegatronPolicy
 
@@ -40,11 +41,12 @@ def build_trainer(config: Config) -> Trainer:
     engines = _build_engines(config, model_dir, objects)
     policy = MegatronPolicy(**_model_options(config, model_dir), temperature=config.rollout.temperature)
     critic = _build_critic(config, model_dir)
+    parts = {"policy": policy, "critic": critic, "engines": engines}
+    parts["data_ranks"] = world_data_ranks(objects) if objects is not None else [0]
     if _rank() != 0:
-        return Trainer(config, policy=policy, critic=critic, rollout=None, engines=engines, run_log=NullRunLog())
+        return Trainer(config, rollout=None, run_log=NullRunLog(), **parts)
     run_log = RunLog(config.logging.run_dir, config, total_steps=config.train.steps)
-    rollout = _build_rollout_side(config, model_dir, engines, run_log)
-    return Trainer(config, policy=policy, critic=critic, rollout=rollout, engines=engines, run_log=run_log)
+    return Trainer(config, rollout=_build_rollout_side(config, model_dir, engines, run_log), run_log=run_log, **parts)
 
 
 def _timeout(config: Config) -> datetime.timedelta:

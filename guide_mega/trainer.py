@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from guide_mega.algorithms.advantages import gae_advantages_packed, terminal_rewards_packed
 from guide_mega.algorithms.filtering import keep_groups_with_variance
 from guide_mega.algorithms.guide import find_unsolved_groups, guide_metrics, merge_guided_groups
 from guide_mega.config import AlgorithmConfig, Config
@@ -37,7 +36,10 @@ from guide_mega.rollout.engine import (
 )
 from guide_mega.rollout.fleet import serve
 from guide_mega.run_log import NullRunLog, RunLog
-from guide_mega.types import RolloutGroup, TrainBatch
+from guide_mega.training.critic import estimate_gae
+from guide_mega.training.data_parallel import pack_share, plan_shares, scatter_shares, select_sequences
+from guide_mega.training.policy import logprob_mismatch
+from guide_mega.types import RolloutGroup
 
 if TYPE_CHECKING:
     from guide_mega.data import PromptLoader
@@ -142,9 +144,12 @@ class Trainer:
         rollout: RolloutSide | None,
         engines: RolloutEngines,
         run_log: RunLog | NullRunLog,
+        data_ranks: list[int] | None = None,
     ) -> None:
         self.config, self.policy, self.critic, self.rollout, self.run_log = config, policy, critic, rollout, run_log
         self.engines = engines
+        self.data_ranks = data_ranks or [0]
+        """Every global rank's data-parallel rank: rank 0 sends each its share of a step."""
         self.step_index = 0
         self._stop_requested = False
 
@@ -184,7 +189,7 @@ class Trainer:
                 groups += wave
             payload = self._pack(groups, metrics, rounds=rounds)
         self._engines_done_sampling()
-        batch, advantages_S, metrics = broadcast_object(payload, self.engines.objects)
+        batch, advantages_S, metrics = self._share(payload)
         if batch is None:
             self.run_log.message(f"step {self.step_index + 1}: no group with reward variance; training skipped")
             return {**metrics, "train/skipped_step": 1.0, "time/step_s": time.perf_counter() - start}
@@ -196,7 +201,9 @@ class Trainer:
                 advantages_T = batch.per_token(advantages_S.float())
             else:
                 with timer("values"):
-                    old_values_T, advantages_T, returns_T, gae_metrics = estimate_gae(self.critic, batch, algorithm)
+                    old_values_T, advantages_T, returns_T, gae_metrics = estimate_gae(
+                        self.critic, batch, gamma=algorithm.gae_gamma, lam=algorithm.gae_lambda
+                    )
                 metrics |= gae_metrics
             with timer("train"):
                 metrics |= self.policy.train(batch, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
@@ -208,9 +215,30 @@ class Trainer:
         if self.engines.local is not None and self.config.train.colocate:
             with timer("engine_wake"):
                 self.engines.local.wake(parts=("kv_cache",))
-        num_tokens = sum(len(ids) for ids in batch.train_prompt_ids) + batch.num_tokens
-        metrics["perf/train_tokens_per_s"] = num_tokens / max(timer.seconds["train"], 1e-9)
+        metrics["perf/train_tokens_per_s"] = metrics["train/num_tokens"] / max(timer.seconds["train"], 1e-9)
         return {**metrics, **timer.metrics(), "train/skipped_step": 0.0, "time/step_s": time.perf_counter() - start}
+
+    def _share(self, payload: tuple) -> tuple:
+        """This rank's share of the step as (TrainBatch, group advantages [S] or None) and the step's metrics so
+        far: rank 0 plans every data-parallel rank's share and sends each as tensors (`data_parallel`); in a world
+        of one the whole batch. (None, None, metrics) when there is nothing to train."""
+        if self.engines.objects is None:
+            return payload
+        batch, advantages_S, metrics = payload
+        metrics = broadcast_object(metrics, self.engines.objects)
+        if not metrics["train/num_groups"]:
+            return None, None, metrics
+        packed = None
+        if self.rollout is not None:
+            shares = plan_shares(
+                batch, num_mini_batches=self.config.train.mini_batches_per_step, data_parallel=self.policy.layout.data
+            )
+            by_data_rank = [
+                pack_share(select_sequences(batch, seqs, labels), None if advantages_S is None else advantages_S[seqs])
+                for seqs, labels in shares
+            ]
+            packed = [by_data_rank[data_rank] for data_rank in self.data_ranks]
+        return (*scatter_shares(packed, group=self.engines.objects), metrics)
 
     def _pack(self, groups: list[RolloutGroup], metrics: Metrics, *, rounds: int) -> tuple:
         """Rank 0: (TrainBatch, group advantages [S], metrics) of the kept groups; (None, None, metrics) if none.
@@ -234,6 +262,8 @@ class Trainer:
         }
         if not groups:
             return None, None, values
+        rollouts = [rollout for group in groups for rollout in group.rollouts]
+        values["train/num_tokens"] = float(sum(len(r.train_prompt_ids) + len(r.response_ids) for r in rollouts))
         gae = self.config.algorithm.estimator == "gae"
         return build_train_batch(groups), None if gae else sequence_advantages(groups, self.config.algorithm), values
 
@@ -408,34 +438,3 @@ def latest_checkpoint(root: Path, *, mode: str, with_critic: bool = False) -> tu
         reasons = "".join(f"; {error}" for error in skipped)
         raise ValueError(f"checkpoint.resume=must but {root} holds no complete, valid checkpoint{reasons}")
     return found, skipped
-
-
-def logprob_mismatch(batch: TrainBatch, old_logprobs_T: torch.Tensor) -> dict[str, float]:
-    """How far the trainer's old logprobs are from the engine's, on tokens sampled under the same context.
-
-    This is the engine/trainer numerics gap (it should be ~0), kept apart from Guide's intended off-policy ratio.
-    """
-    if batch.behaviour_logprobs_T is None:
-        return {}
-    diff_T = (old_logprobs_T - batch.behaviour_logprobs_T).abs()
-    return {
-        "rollout/trainer_logprob_abs_diff_mean": float(diff_T.mean()),
-        "rollout/trainer_logprob_abs_diff_max": float(diff_T.max()),
-    }
-
-
-def estimate_gae(critic: MegatronCritic, batch: TrainBatch, algorithm: AlgorithmConfig) -> tuple:
-    """PPO: value the batch with the critic; returns (old values [T], GAE advantages [T], returns [T], metrics).
-    Every rank computes the same values, hence the same advantages."""
-    old_values_T = critic.compute_values(batch)
-    rewards_T = terminal_rewards_packed(batch.rewards_S, batch.cu_seqlens_S1)
-    advantages_T, returns_T = gae_advantages_packed(
-        rewards_T, old_values_T, batch.cu_seqlens_S1, gamma=algorithm.gae_gamma, lam=algorithm.gae_lambda
-    )
-    metrics = {
-        "critic/old_value_mean": float(old_values_T.mean()),
-        "critic/return_mean": float(returns_T.mean()),
-        "critic/advantage_mean": float(advantages_T.mean()),
-        "critic/advantage_std": float(advantages_T.std()) if advantages_T.numel() > 1 else 0.0,
-    }
-    return old_values_T, advantages_T, returns_T, metrics

@@ -104,6 +104,9 @@ class TrainBatch:
     group_ids_S: torch.Tensor
     behaviour_logprobs_T: torch.Tensor | None = None
     """Per-token logprobs reported by the rollout engine under the sampled context (None if it gave none)."""
+    mini_batch_S: torch.Tensor | None = None
+    """In a data-parallel rank's share of a step: the optimizer step (mini-batch) each sequence belongs to. None in
+    a whole batch, whose mini-batches are cut from its groups."""
 
     def __post_init__(self) -> None:
         num_seqs = len(self.train_prompt_ids)
@@ -114,6 +117,8 @@ class TrainBatch:
             "rewards_S": self.rewards_S.numel(),
             "group_ids_S": self.group_ids_S.numel(),
         }
+        if self.mini_batch_S is not None:
+            checks["mini_batch_S"] = self.mini_batch_S.numel()
         for name, count in checks.items():
             if count != num_seqs:
                 raise ValueError(f"TrainBatch.{name} has {count} entries for {num_seqs} sequences")

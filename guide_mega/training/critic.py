@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
+from guide_mega.algorithms.advantages import gae_advantages_packed, terminal_rewards_packed
 from guide_mega.algorithms.losses import aggregate_loss, value_loss
 from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.architecture import read_architecture
 from guide_mega.training.checkpoint import load_checkpoint, save_checkpoint
+from guide_mega.training.data_parallel import local_mini_batches, token_statistics
 from guide_mega.training.distributed import init_parallel
 from guide_mega.training.micro_batches import MicroBatch
 from guide_mega.training.model_runner import ModelRunner
-from guide_mega.training.policy import checkpoint_directory, mini_batch_sequences
+from guide_mega.training.policy import checkpoint_directory, step_counts
 from guide_mega.types import TrainBatch
 
 
@@ -32,6 +34,23 @@ def micro_batch_values(values_SB: torch.Tensor, micro_batch: MicroBatch, *, sequ
         # Each rank evaluated its own slice of positions with the replicated head; the backward keeps the slice.
         values_SB = gather_from_sequence_parallel_region(values_SB, tensor_parallel_output_grad=False)
     return values_SB.transpose(0, 1).reshape(-1)[micro_batch.flat_index_N]
+
+
+def estimate_gae(critic: MegatronCritic, batch: TrainBatch, *, gamma: float, lam: float) -> tuple:
+    """PPO: value this rank's share with the critic; returns (old values [T], GAE advantages [T], returns [T],
+    metrics over every data-parallel rank's share). GAE runs within each sequence, so shares are independent."""
+    old_values_T = critic.compute_values(batch)
+    rewards_T = terminal_rewards_packed(batch.rewards_S, batch.cu_seqlens_S1)
+    advantages_T, returns_T = gae_advantages_packed(rewards_T, old_values_T, batch.cu_seqlens_S1, gamma=gamma, lam=lam)
+    metrics = {}
+    for name, values_T in (("old_value", old_values_T), ("return", returns_T), ("advantage", advantages_T)):
+        stats = token_statistics(values_T)
+        if stats:
+            metrics[f"critic/{name}_mean"] = stats["mean"]
+    stats = token_statistics(advantages_T)
+    if stats:
+        metrics["critic/advantage_std"] = stats["std"]
+    return old_values_T, advantages_T, returns_T, metrics
 
 
 class MegatronCritic:
@@ -77,11 +96,12 @@ class MegatronCritic:
         gives them, under critic/."""
         batch.check_per_token("returns_T", returns_T)
         batch.check_per_token("old_values_T", old_values_T)
-        lengths_S = batch.lengths_S.tolist()
-        mini_batches = []
-        for seqs in mini_batch_sequences(batch.group_ids_S, self.train_config.mini_batches_per_step):
-            counts = (float(sum(lengths_S[seq] for seq in seqs)), float(sum(lengths_S[seq] > 0 for seq in seqs)))
-            mini_batches.append((seqs, self._loss_fn(returns_T, old_values_T, counts)))
+        seqs_per_mini_batch = local_mini_batches(batch, self.train_config.mini_batches_per_step)
+        counts_M2 = step_counts(batch, seqs_per_mini_batch)
+        mini_batches = [
+            (seqs, self._loss_fn(returns_T, old_values_T, (float(counts_M2[m, 0]), float(counts_M2[m, 1]))))
+            for m, seqs in enumerate(seqs_per_mini_batch)
+        ]
         return self.runner.train_mini_batches(batch, mini_batches, prefix="critic", loss_name="critic/loss")
 
     def _loss_fn(self, returns_T: torch.Tensor, old_values_T: torch.Tensor, counts: tuple[float, float]):

@@ -98,13 +98,3 @@ def broadcast_object_from_last_stage(value):
     group = parallel_state.get_pipeline_model_parallel_group()
     dist.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
     return holder[0]
-
-
-def sum_over_data_parallel(values_T: torch.Tensor) -> torch.Tensor:
-    """The sum over data-parallel ranks of [T] tensors that are zero outside each rank's own tokens: the full [T]
-    on every rank."""
-    if parallel_state.get_data_parallel_world_size() == 1:
-        return values_T
-    values_T = values_T.clone()
-    dist.all_reduce(values_T, group=parallel_state.get_data_parallel_group())
-    return values_T

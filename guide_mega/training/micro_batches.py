@@ -1,4 +1,4 @@
-"""Cut a TrainBatch into data-parallel shards and token-budgeted micro-batches of model inputs.
+"""Cut a TrainBatch (a data-parallel rank's share of a step) into token-budgeted micro-batches of model inputs.
 
 Shape legend: S sequence positions of a micro-batch row, B rows, N response tokens in the micro-batch, T response
 tokens of the whole batch.
@@ -98,17 +98,6 @@ def shared_prompt_rows(
             size += extra
         rows.append(row)
     return rows
-
-
-def shard_for_data_parallel(seqs: list[int], lengths: list[int], *, data_parallel: int, data_rank: int) -> list[int]:
-    """This rank's share of `seqs`: longest first, each to the least-loaded rank (the same plan on every rank)."""
-    loads = [0] * data_parallel
-    owned: list[list[int]] = [[] for _ in range(data_parallel)]
-    for seq in sorted(seqs, key=lambda index: (-lengths[index], index)):
-        rank = min(range(data_parallel), key=lambda candidate: (loads[candidate], candidate))
-        loads[rank] += lengths[seq]
-        owned[rank].append(seq)
-    return sorted(owned[data_rank])
 
 
 def split_by_token_budget(seqs: list[int], lengths: list[int], *, max_tokens: int, padded: bool) -> list[list[int]]:
@@ -237,12 +226,10 @@ def plan_micro_batches(
     packed: bool,
     share_prompts: bool,
     pad_multiple: int,
-    data_parallel: int = 1,
-    data_rank: int = 0,
     device: torch.device,
 ) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches over sequences `seqs`: rows (one prompt and its sequences, or one
-    sequence) are shared out across ranks by input length, then cut into micro-batches of at most max_tokens."""
+    """Micro-batches over sequences `seqs` (this data-parallel rank's: `data_parallel.plan_shares` gave each rank
+    its own): rows (one prompt and its sequences, or one sequence) cut into micro-batches of at most max_tokens."""
     seq_lengths = sequence_lengths(batch, context)
     if share_prompts:
         if packed:
@@ -251,8 +238,7 @@ def plan_micro_batches(
     else:
         rows = [[seq] for seq in seqs]
     lengths = [row_length(batch, row, context, seq_lengths) for row in rows]
-    mine = shard_for_data_parallel(list(range(len(rows))), lengths, data_parallel=data_parallel, data_rank=data_rank)
-    groups = split_by_token_budget(mine, lengths, max_tokens=max_tokens, padded=not packed)
+    groups = split_by_token_budget(list(range(len(rows))), lengths, max_tokens=max_tokens, padded=not packed)
     return [
         build_micro_batch(
             batch,

@@ -24,7 +24,6 @@ from guide_mega.training.forward import (
     broadcast_from_last_stage,
     broadcast_object_from_last_stage,
     run_schedule,
-    sum_over_data_parallel,
 )
 from guide_mega.training.micro_batches import (
     Context,
@@ -115,8 +114,6 @@ class ModelRunner:
             packed=self.packed,
             share_prompts=self.share_prompts,
             pad_multiple=self.pad_multiple,
-            data_parallel=self.layout.data,
-            data_rank=self.layout.data_rank,
             device=self.layout.device,
         )
 
@@ -124,8 +121,8 @@ class ModelRunner:
     def forward_per_token(
         self, batch: TrainBatch, per_token_fn: PerTokenFn, *, context: Context, seqs: list[int] | None = None
     ) -> torch.Tensor:
-        """fp32 [T] on CPU, identical on every rank: per_token_fn(last-stage output, micro_batch) -> [N] for the
-        response tokens of `seqs` (all sequences by default), 0 elsewhere."""
+        """fp32 [T] on CPU, identical on the ranks of this model replica: per_token_fn(last-stage output,
+        micro_batch) -> [N] for the response tokens of `seqs` (all sequences by default), 0 elsewhere."""
         seqs = list(range(batch.num_seqs)) if seqs is None else seqs
         num_tokens = batch.response_ids_T.numel()
         values_T = torch.zeros(num_tokens, dtype=torch.float32, device=self.layout.device)
@@ -139,7 +136,7 @@ class ModelRunner:
         if micro_batches:
             run_schedule(self.model, micro_batches, collect, forward_only=True, explicit_causal_mask=not self.packed)
         values_T = broadcast_from_last_stage(values_T, shape=(num_tokens,), dtype=torch.float32, device=values_T.device)
-        return sum_over_data_parallel(values_T).cpu()
+        return values_T.cpu()
 
     def accumulate_gradients(
         self, batch: TrainBatch, seqs: list[int], loss_fn: LossFn, *, context: Context = "train"

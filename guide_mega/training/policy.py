@@ -1,9 +1,11 @@
 """The policy as a Megatron model: forward-only logprobs, the Guide train step, weight export.
 
-Shape legend: T response tokens of the batch, S sequences.
+Shape legend: T response tokens of the batch, S sequences, N guided tokens.
 
-Every rank calls the same methods with the same TrainBatch (SPMD under torchrun); each data-parallel rank works
-on its share of the sequences and results are shared so that every rank returns the same values.
+Every rank calls the same methods (SPMD under torchrun) with its data-parallel rank's share of the step
+(`data_parallel.plan_shares`; the ranks of one model replica hold the same share). Per-token results are the
+share's; what needs the whole step (the loss normalisers, the shaping gamma, hint reliance, the loss metrics) is
+reduced over the data-parallel group, so those are the same on every rank.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from guide_mega.algorithms.guide import hint_reliance
@@ -19,6 +20,12 @@ from guide_mega.algorithms.losses import importance_ratio, shaping_gamma
 from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.architecture import read_architecture
 from guide_mega.training.checkpoint import load_checkpoint, save_checkpoint, save_hf_checkpoint
+from guide_mega.training.data_parallel import (
+    gather_over_data_parallel,
+    local_mini_batches,
+    sum_over_data_parallel,
+    token_statistics,
+)
 from guide_mega.training.distributed import init_parallel
 from guide_mega.training.logprobs import micro_batch_logprobs
 from guide_mega.training.micro_batches import Context
@@ -36,14 +43,30 @@ def checkpoint_directory(model: ModelConfig) -> Path:
     return path
 
 
-def mini_batch_sequences(group_ids_S: torch.Tensor, num_mini_batches: int) -> list[list[int]]:
-    """Split the sequences into mini-batches of whole groups (in order of first appearance)."""
-    groups = list(dict.fromkeys(group_ids_S.tolist()))
-    if len(groups) < num_mini_batches:
-        raise ValueError(f"train.mini_batches_per_step={num_mini_batches} exceeds the batch's {len(groups)} groups")
-    chunks = np.array_split(np.array(groups), num_mini_batches)
-    members = [set(chunk.tolist()) for chunk in chunks]
-    return [[seq for seq, group in enumerate(group_ids_S.tolist()) if group in chunk] for chunk in members]
+def logprob_mismatch(batch: TrainBatch, old_logprobs_T: torch.Tensor) -> dict[str, float]:
+    """How far the trainer's old logprobs are from the engine's, on tokens sampled under the same context, over
+    every data-parallel rank's share. This is the engine/trainer numerics gap (it should be ~0), kept apart from
+    Guide's intended off-policy ratio."""
+    if batch.behaviour_logprobs_T is None:
+        return {}
+    stats = token_statistics((old_logprobs_T - batch.behaviour_logprobs_T).abs())
+    if not stats:
+        return {}
+    return {
+        "rollout/trainer_logprob_abs_diff_mean": stats["mean"],
+        "rollout/trainer_logprob_abs_diff_max": stats["max"],
+    }
+
+
+def step_counts(batch: TrainBatch, mini_batches: list[list[int]]) -> torch.Tensor:
+    """Response tokens and non-empty sequences [M, 2] of each mini-batch over every data-parallel rank: the
+    normalisers that make the loss of a rank's share part of the loss of the whole mini-batch."""
+    lengths = batch.lengths_S.tolist()
+    local_M2 = torch.tensor(
+        [[sum(lengths[s] for s in seqs), sum(lengths[s] > 0 for s in seqs)] for seqs in mini_batches],
+        dtype=torch.float64,
+    ).reshape(len(mini_batches), 2)
+    return sum_over_data_parallel(local_M2)
 
 
 class MegatronPolicy:
@@ -130,22 +153,30 @@ class MegatronPolicy:
         return self.compute_logprobs(batch, context="sampled")
 
     def _guided_statistics(self, batch: TrainBatch, old_logprobs_T: torch.Tensor) -> tuple[float | None, dict]:
-        """The step's shaping gamma (gamma_scope=global: once per step, so it is split-invariant; None under
-        micro_batch scope) and hint-reliance metrics, from the guided samples under the hint-free prompt."""
+        """The step's shaping gamma (gamma_scope=global: once per step over every rank's guided tokens, so it is
+        split-invariant; None under micro_batch scope) and hint-reliance metrics, from the guided samples under
+        the hint-free prompt. Collective over the data-parallel group."""
         guide = self.algorithm.guide
-        step_gamma = guide.gamma == "constant" or guide.gamma_scope == "global"
         guided = [seq for seq in range(batch.num_seqs) if bool(batch.is_guided_S[seq])]
-        if not guided:
-            return (guide.gamma_constant if step_gamma else None), {}
         plain_T = self.compute_logprobs(batch, context="train", seqs=guided)
-        reliance = hint_reliance(old_logprobs_T, plain_T, batch.seq_ids_T, batch.is_guided_S)
-        metrics = {name: float(value) for name, value in reliance.items()}
-        if not step_gamma:
+        metrics = self._hint_reliance(batch, old_logprobs_T, plain_T)
+        if guide.gamma == "quantile" and guide.gamma_scope == "micro_batch":
             return None, metrics
         quantile = guide.gamma_quantile if guide.gamma == "quantile" else None
-        ratio_T = importance_ratio(plain_T, old_logprobs_T)
-        gamma = shaping_gamma(ratio_T, batch.is_guided_T, quantile=quantile, constant=guide.gamma_constant)
-        return float(gamma), metrics
+        ratios_N = gather_over_data_parallel(importance_ratio(plain_T, old_logprobs_T)[batch.is_guided_T])
+        every_N = torch.ones_like(ratios_N, dtype=torch.bool)
+        return float(shaping_gamma(ratios_N, every_N, quantile=quantile, constant=guide.gamma_constant)), metrics
+
+    @staticmethod
+    def _hint_reliance(batch: TrainBatch, hinted_T: torch.Tensor, plain_T: torch.Tensor) -> dict[str, float]:
+        """`hint_reliance` over the guided samples of every data-parallel rank (absent when there are none)."""
+        count = float((batch.is_guided_S & (batch.lengths_S > 0)).sum())
+        local = hint_reliance(hinted_T, plain_T, batch.seq_ids_T, batch.is_guided_S)
+        names = sorted(local)
+        totals = sum_over_data_parallel(torch.tensor([float(local[name]) * count for name in names] + [count]))
+        if totals[-1] == 0:
+            return {}
+        return {name: float(totals[index] / totals[-1]) for index, name in enumerate(names)}
 
     def plan_mini_batches(
         self, batch: TrainBatch, *, old_logprobs_T: torch.Tensor, advantages_T: torch.Tensor
@@ -156,7 +187,8 @@ class MegatronPolicy:
         batch.check_per_token("advantages_T", advantages_T)
         gamma, metrics = self._guided_statistics(batch, old_logprobs_T)
         ref_logprobs_T = self.compute_logprobs(batch, reference=True) if self.reference is not None else None
-        lengths_S = batch.lengths_S.tolist()
+        mini_batches = local_mini_batches(batch, self.train_config.mini_batches_per_step)
+        counts_M2 = step_counts(batch, mini_batches)
         plans = [
             LossInputs(
                 seqs=seqs,
@@ -165,10 +197,10 @@ class MegatronPolicy:
                 is_guided_T=batch.is_guided_T,
                 ref_logprobs_T=ref_logprobs_T,
                 gamma=gamma,
-                global_num_tokens=float(sum(lengths_S[seq] for seq in seqs)),
-                global_num_seqs=float(sum(lengths_S[seq] > 0 for seq in seqs)),
+                global_num_tokens=float(counts_M2[index, 0]),
+                global_num_seqs=float(counts_M2[index, 1]),
             )
-            for seqs in mini_batch_sequences(batch.group_ids_S, self.train_config.mini_batches_per_step)
+            for index, seqs in enumerate(mini_batches)
         ]
         return plans, metrics
 

@@ -70,7 +70,7 @@ def _kill_during_next_step(process: subprocess.Popen, log_path: Path, checkpoint
         assert time.monotonic() < deadline, "no checkpoint within the timeout"
         time.sleep(0.05)
     # The checkpoint message is the last thing a save does: the loop is now in the next step's rollout.
-    time.sleep(0.5)
+    time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     completed = [path.name for path in list_checkpoints(checkpoint_root)]
@@ -88,7 +88,9 @@ def _final_weights(config) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_sigkill_mid_step_then_resume_matches_the_uninterrupted_run(tiny_run_config):
-    options = {"train.steps": STEPS, "checkpoint.every": 1, "checkpoint.export_hf": True}
+    # Longer responses than the fixture's 6 tokens: a step must outlast the pause before the kill (on an idle
+    # machine a 6-token step could finish inside it, and the kill landed after step 2's checkpoint).
+    options = {"train.steps": STEPS, "checkpoint.every": 1, "checkpoint.export_hf": True, "rollout.max_new_tokens": 40}
     straight, killed = tiny_run_config("straight", **options), tiny_run_config("killed", **options)
     # Both first launches run side by side (one thread each) to halve the wall time.
     straight_process, straight_log = _start(straight, "first")

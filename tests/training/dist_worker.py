@@ -12,6 +12,7 @@ torchrun --nproc-per-node N dist_worker.py checkpoint OUT_DIR PHASE CHECKPOINT_D
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from policy_probes import critic_values_after_steps, loss_and_gradients, make_critic, make_policy, train_step  # noqa: E402
+from policy_probes import (  # noqa: E402
+    critic_values_after_steps,
+    loss_and_gradients,
+    make_critic,
+    make_policy,
+    train_step,
+    whole_batch_values,
+)
 from tiny_models import make_train_batch  # noqa: E402
 
 from guide_mega.training.checkpoint import list_checkpoints  # noqa: E402
@@ -47,8 +55,8 @@ def run_layout(out_dir: Path, tensor: int, pipeline: int, families: dict[str, st
         batch = make_train_batch()
         policy = make_policy(checkpoint_dir, tensor=tensor, pipeline=pipeline, micro_batch_tokens=_MICRO_BATCH_TOKENS)
         results = {
-            "logprobs_train": policy.compute_logprobs(batch, context="train"),
-            "logprobs_sampled": policy.compute_logprobs(batch, context="sampled"),
+            f"logprobs_{context}": whole_batch_values(policy, batch, partial(policy.compute_logprobs, context=context))
+            for context in ("train", "sampled")
         }
         results["loss"], results["gradients"] = loss_and_gradients(policy, batch)
         export_dir = policy.save_hf(out_dir / f"{family}_hf")

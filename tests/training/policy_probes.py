@@ -9,6 +9,7 @@ import torch
 from tiny_models import tiny_advantages_T
 
 from guide_mega.config import AlgorithmConfig, GuideConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
+from guide_mega.training.data_parallel import plan_shares, select_sequences, sum_over_data_parallel, token_positions
 from guide_mega.training.forward import broadcast_object_from_last_stage
 from guide_mega.training.optimizer import finalize_grads_without_token_scaling
 from guide_mega.training.policy import MegatronPolicy
@@ -57,19 +58,43 @@ def _finalize_with_all_reduce(model_chunks, num_tokens=None, **kwargs):
     finalize_grads_without_token_scaling(model_chunks, num_tokens, **{**kwargs, "force_all_reduce": True})
 
 
+def share_of(model, batch):
+    """This rank's share of a whole batch, as the trainer would send it (`data_parallel.plan_shares`), and the
+    share's token positions [T_share] in the batch; the batch itself with one data-parallel rank."""
+    if model.layout.data == 1:
+        return batch, torch.arange(batch.num_tokens)
+    mini_batches = model.train_config.mini_batches_per_step
+    seqs, labels = plan_shares(batch, num_mini_batches=mini_batches, data_parallel=model.layout.data)[
+        model.layout.data_rank
+    ]
+    return select_sequences(batch, seqs, labels), token_positions(batch, seqs)
+
+
+def whole_batch_values(model, batch, compute) -> torch.Tensor:
+    """compute(share) -> [T_share] per-token values, put back in place: [T] of the whole batch on every rank."""
+    share, index_T = share_of(model, batch)
+    values_T = torch.zeros(batch.num_tokens)
+    values_T[index_T] = compute(share)
+    return sum_over_data_parallel(values_T)
+
+
 def train_step(policy: MegatronPolicy, batch, *, old_logprobs_T=None, advantages_T=None) -> dict[str, float]:
-    """policy.train on a tiny batch: old logprobs computed now and `tiny_advantages_T` unless given."""
-    old_logprobs_T = policy.compute_old_logprobs(batch) if old_logprobs_T is None else old_logprobs_T
+    """policy.train on this rank's share of a tiny batch: old logprobs computed now and `tiny_advantages_T` unless
+    given (both for the whole batch)."""
+    share, index_T = share_of(policy, batch)
+    old_logprobs_T = policy.compute_old_logprobs(share) if old_logprobs_T is None else old_logprobs_T[index_T]
     advantages_T = tiny_advantages_T(batch) if advantages_T is None else advantages_T
-    return policy.train(batch, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
+    return policy.train(share, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T[index_T])
 
 
 def loss_and_gradients(policy: MegatronPolicy, batch) -> tuple[float, dict[str, torch.Tensor]]:
     """The first mini-batch's loss and its full reduced gradients in HF layout (identical on every rank)."""
-    old_logprobs_T = policy.compute_old_logprobs(batch)
-    plans, _ = policy.plan_mini_batches(batch, old_logprobs_T=old_logprobs_T, advantages_T=tiny_advantages_T(batch))
+    share, index_T = share_of(policy, batch)
+    old_logprobs_T = policy.compute_old_logprobs(share)
+    advantages_T = tiny_advantages_T(batch)[index_T]
+    plans, _ = policy.plan_mini_batches(share, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
     policy.config.finalize_model_grads_func = _finalize_with_all_reduce
-    outputs = policy.runner.accumulate_gradients(batch, plans[0].seqs, policy.loss_fn(plans[0]))
+    outputs = policy.runner.accumulate_gradients(share, plans[0].seqs, policy.loss_fn(plans[0]))
     metrics = reduce_step_metrics(outputs, device=policy.layout.device) if policy.layout.is_last_stage else None
     metrics = broadcast_object_from_last_stage(metrics)
     gradients = {
@@ -94,10 +119,12 @@ def make_critic(checkpoint_dir: str | Path, *, tensor: int = 1, pipeline: int = 
 
 
 def critic_values_after_steps(critic, batch, *, steps: int) -> tuple[list[float], torch.Tensor]:
-    """Train the critic toward returns = the sequence rewards for `steps` steps; (losses, final values [T])."""
-    returns_T = batch.rewards_S[batch.seq_ids_T]
+    """Train the critic (on this rank's share) toward returns = the sequence rewards for `steps` steps; (losses,
+    final values [T] of the whole batch)."""
+    share, _ = share_of(critic, batch)
+    returns_T = share.rewards_S[share.seq_ids_T]
     losses = []
     for _ in range(steps):
-        old_values_T = critic.compute_values(batch)
-        losses.append(critic.train(batch, returns_T=returns_T, old_values_T=old_values_T)["critic/loss"])
-    return losses, critic.compute_values(batch)
+        old_values_T = critic.compute_values(share)
+        losses.append(critic.train(share, returns_T=returns_T, old_values_T=old_values_T)["critic/loss"])
+    return losses, whole_batch_values(critic, batch, critic.compute_values)

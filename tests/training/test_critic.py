@@ -81,16 +81,14 @@ def test_gae_advantages_are_those_of_the_critics_values(tiny_checkpoints, single
     padded estimator's on the same values."""
     from policy_probes import critic_values_after_steps, make_critic
 
-    from guide_mega.config import AlgorithmConfig
-    from guide_mega.trainer import estimate_gae
+    from guide_mega.training.critic import estimate_gae
 
     critic = make_critic(tiny_checkpoints["qwen3"])
     batch = make_train_batch()
-    algorithm = AlgorithmConfig(estimator="gae", gae_gamma=0.9, gae_lambda=0.8)
-    old_values_T, advantages_T, returns_T, metrics = estimate_gae(critic, batch, algorithm)
+    old_values_T, advantages_T, returns_T, metrics = estimate_gae(critic, batch, gamma=0.9, lam=0.8)
     assert old_values_T.eq(0).all()  # the value head starts at zero
     critic_values_after_steps(critic, batch, steps=1)
-    old_values_T, advantages_T, returns_T, metrics = estimate_gae(critic, batch, algorithm)
+    old_values_T, advantages_T, returns_T, metrics = estimate_gae(critic, batch, gamma=0.9, lam=0.8)
     assert old_values_T.abs().max() > 0
     expected_advantages_T, expected_returns_T = _independent_gae(batch, old_values_T, gamma=0.9, lam=0.8)
     torch.testing.assert_close(advantages_T, expected_advantages_T)

@@ -1,4 +1,4 @@
-"""Data-parallel shards and micro-batches: complete, disjoint, within budget, with targets where they belong."""
+"""Micro-batches: complete, disjoint, within budget, with targets where they belong."""
 
 import pytest
 import torch
@@ -9,22 +9,9 @@ from guide_mega.training.micro_batches import (
     plan_micro_batches,
     row_length,
     sequence_lengths,
-    shard_for_data_parallel,
     shared_prompt_rows,
     split_by_token_budget,
 )
-
-
-@pytest.mark.parametrize("data_parallel", [1, 2, 3])
-def test_data_parallel_shards_partition_the_sequences(data_parallel):
-    lengths = [13, 5, 3, 5, 4, 11, 8, 12]
-    shards = [
-        shard_for_data_parallel(list(range(8)), lengths, data_parallel=data_parallel, data_rank=rank)
-        for rank in range(data_parallel)
-    ]
-    assert sorted(seq for shard in shards for seq in shard) == list(range(8))
-    loads = [sum(lengths[seq] for seq in shard) for shard in shards]
-    assert max(loads) - min(loads) <= max(lengths)
 
 
 @pytest.mark.parametrize("padded", [True, False])
@@ -113,21 +100,16 @@ def test_shared_prompt_rows_partition_the_sequences_within_the_budget():
         assert len({tuple(batch.train_prompt_ids[seq]) for seq in row}) == 1
         assert row_length(batch, row, "train", lengths) <= budget or len(row) == 1
     assert len(rows) > 3, "the budget should split some groups"
-    shards = [
-        plan_micro_batches(
-            batch,
-            list(range(batch.num_seqs)),
-            context="train",
-            max_tokens=budget,
-            packed=False,
-            share_prompts=True,
-            pad_multiple=1,
-            data_parallel=2,
-            data_rank=rank,
-            device=torch.device("cpu"),
-        )
-        for rank in range(2)
-    ]
-    tokens = torch.cat([mb.token_index_N for shard in shards for mb in shard])
+    micro_batches = plan_micro_batches(
+        batch,
+        list(range(batch.num_seqs)),
+        context="train",
+        max_tokens=budget,
+        packed=False,
+        share_prompts=True,
+        pad_multiple=1,
+        device=torch.device("cpu"),
+    )
+    tokens = torch.cat([mb.token_index_N for mb in micro_batches])
     assert sorted(tokens.tolist()) == list(range(batch.response_ids_T.numel()))
-    assert all(shard for shard in shards)
+    assert all(mb.num_tokens <= budget for mb in micro_batches)
