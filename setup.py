@@ -94,10 +94,10 @@ def _optional_build_ext(cpp_extension):
 
 def _extension_setup_args() -> dict:
     """ext_modules and cmdclass that build guide_mega._C, or none when torch is not importable at build time or
-    GUIDE_MEGA_SKIP_EXTENSION=1 (for builds that test only the packaging).
+        GUIDE_MEGA_SKIP_EXTENSION=1 (for builds that test only the packaging).
 
-    CUDA sources join when torch is a CUDA build and the CUDA toolkit (nvcc) is found. The CUDA kernel needs compute
-capability 6.0 or newer (float64 atomicAdd; the source refuses older targets); CUDA 13 itself starts at 7.5.
+        CUDA sources join when torch is a CUDA build and the CUDA toolkit (nvcc) is found. The CUDA kernel needs compute
+    capability 6.0 or newer (float64 atomicAdd; the source refuses older targets); CUDA 13 itself starts at 7.5.
     """
     if os.environ.get("GUIDE_MEGA_SKIP_EXTENSION") == "1":
         _warn(f"GUIDE_MEGA_SKIP_EXTENSION=1: skipping {_EXTENSION_NAME}")
