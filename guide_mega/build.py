@@ -69,7 +69,7 @@ def _build_engines(config: Config, model_dir: Path, objects) -> RolloutEngines:
     group = dist.new_group(owners, backend="gloo", timeout=_timeout(config)) if len(owners) > 1 else None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local = _build_engine(config, model_dir, gpu_id=local_rank) if _rank() in owners else None
-    return RolloutEngines(local=local, group=group, num_engines=len(owners), objects=objects)
+    return RolloutEngines(local=local, owners=tuple(owners), group=group, objects=objects)
 
 
 def _build_rollout_side(config: Config, model_dir: Path, engines: RolloutEngines, run_log: RunLog) -> RolloutSide:
@@ -92,7 +92,7 @@ def _build_rollout_side(config: Config, model_dir: Path, engines: RolloutEngines
     tokenize = lambda content: render_prompt_ids(tokenizer, content, system_prompt=config.data.system_prompt)  # noqa: E731
     engine = engines.local
     if engines.group is not None:
-        engine = EngineFleet(engines.local, owners=engine_owners(config), group=engines.group)
+        engine = EngineFleet(engines.local, owners=engines.owners, group=engines.group)
     reward_pool = RewardPool.from_config(config.reward, lenient=config.reward.lenient)
     evaluator = None
     if config.train.eval_every:

@@ -110,13 +110,13 @@ def set_rng_state(state: dict) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutEngines:
-    """This rank's part in rollouts: its own engine if it owns one (each owner syncs, sleeps and wakes its own),
-    the gloo group over which rank 0 reaches the owners (None with one engine), and a gloo group of every rank for
-    object broadcasts (None in a world of one)."""
+    """This rank's part in rollouts: its own engine if it owns one (each owner syncs, sleeps and wakes its own), the
+    global ranks that own one, the gloo group over which rank 0 reaches them (None with one owner), and a gloo group
+    of every rank for object broadcasts (None in a world of one)."""
 
     local: RolloutEngine | None = None
+    owners: tuple[int, ...] = (0,)
     group: Any = None
-    num_engines: int = 1
     objects: Any = None
 
 
@@ -252,7 +252,8 @@ class Trainer:
         values = metrics.as_dict()
         generated = values.get("rollout/generated_tokens", 0.0) + values.get("guided/generated_tokens", 0.0)
         values |= {
-            "rollout/num_engines": float(self.engines.num_engines),
+            # An engine front over several engines (the fleet, a client of several servers) says how many.
+            "rollout/num_engines": float(getattr(self.rollout.engine, "num_engines", 1)),
             "filter/rounds": float(rounds),
             "filter/partial_batch": float(len(groups) < wanted),
             "train/num_groups": float(len(groups)),

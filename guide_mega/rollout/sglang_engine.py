@@ -628,10 +628,10 @@ class SGLangColocatedEngine:
         self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
     ) -> list[Completion]:
         """Completions in request order; with `seeds`, each request carries its own sampling seed."""
-        payload = sampling_payload(sampling)
-        params = payload if seeds is None else [{**payload, "sampling_seed": seed} for seed in seeds]
         outputs = self._engine.generate(
-            input_ids=[list(ids) for ids in requests], sampling_params=params, return_logprob=True
+            input_ids=[list(ids) for ids in requests],
+            sampling_params=request_payloads(sampling, seeds),
+            return_logprob=True,
         )
         return [completion_from_output(output) for output in outputs]
 

@@ -40,6 +40,7 @@ def test_guide_steps_against_two_real_sglang_servers(tiny_run_config, unigram_mo
     # Both servers sample every step.
     for row in rows:
         assert row["rollout/engine_0_sequences"] > 0 and row["rollout/engine_1_sequences"] > 0, row
+        assert row["rollout/num_engines"] == 2.0, row
     # The servers sample with the weights the trainer just pushed: their logprobs match the trainer's
     # recomputation after updates too (a missed update would leave a server on older weights and open this gap).
     for row in rows[1:]:
