@@ -160,12 +160,13 @@ class MegatronPolicy:
         guided = [seq for seq in range(batch.num_seqs) if bool(batch.is_guided_S[seq])]
         plain_T = self.compute_logprobs(batch, context="train", seqs=guided)
         metrics = self._hint_reliance(batch, old_logprobs_T, plain_T)
-        if guide.gamma == "quantile" and guide.gamma_scope == "micro_batch":
+        if guide.gamma == "constant":
+            return guide.gamma_constant, metrics
+        if guide.gamma_scope == "micro_batch":
             return None, metrics
-        quantile = guide.gamma_quantile if guide.gamma == "quantile" else None
         ratios_N = gather_over_data_parallel(importance_ratio(plain_T, old_logprobs_T)[batch.is_guided_T])
         every_N = torch.ones_like(ratios_N, dtype=torch.bool)
-        return float(shaping_gamma(ratios_N, every_N, quantile=quantile, constant=guide.gamma_constant)), metrics
+        return float(shaping_gamma(ratios_N, every_N, quantile=guide.gamma_quantile)), metrics
 
     @staticmethod
     def _hint_reliance(batch: TrainBatch, hinted_T: torch.Tensor, plain_T: torch.Tensor) -> dict[str, float]:
