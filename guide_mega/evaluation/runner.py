@@ -82,6 +82,7 @@ def _correct_flags(
             [completion.text for completion in completions],
             [problem.answer for problem in problems],
             [problem.metadata for problem in problems],
+            prompts=[problem.prompt for problem in problems],
         )
         for (index, _), result in zip(chunk, results, strict=True):
             flags[index].append(result.correct)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from guide_mega.config import RewardConfig
 from guide_mega.rewards.results import RewardOptions, RewardResult, failed_result
 from guide_mega.rewards.sandbox import SandboxLimits
-from guide_mega.rewards.verifiers import RewardTask, get_reward_fn, score_task
+from guide_mega.rewards.verifiers import RewardTask, check_reward_name, score_task
 from guide_mega.types import RolloutGroup
 
 logger = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class RewardPool:
     """Scores responses with a registered reward function in a `DeadlinePool`, and keeps the reward metrics."""
 
     def __init__(self, *, reward_name: str, options: RewardOptions, num_workers: int, timeout_s: float) -> None:
-        get_reward_fn(reward_name)
-        self.reward_name = reward_name
+        self.reward_name = check_reward_name(reward_name)
         # Sandboxed runs happen in here: a worker killed mid-run cannot remove its run's directory, close() can.
         self._scratch_dir = tempfile.mkdtemp(prefix="guide-mega-rewards-")
         os.chmod(self._scratch_dir, _SCRATCH_DIR_MODE)
@@ -194,14 +193,27 @@ class RewardPool:
         return cls(reward_name=config.name, options=options, num_workers=config.num_workers, timeout_s=config.timeout_s)
 
     def score(
-        self, responses: Sequence[str], answers: Sequence[str | list[str]], metadatas: Sequence[dict]
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str | list[str]],
+        metadatas: Sequence[dict],
+        *,
+        prompts: Sequence[str | list[dict]] | None = None,
     ) -> list[RewardResult]:
-        """One RewardResult per response; a timeout or a failed verifier gives a 0-reward result with its status."""
+        """One RewardResult per response; a timeout or a failed verifier gives a 0-reward result with its status.
+        `prompts` (the hint-free prompts) are what a user reward function gets as its first argument."""
         tasks = [
             RewardTask(
-                reward_name=self.reward_name, response=response, answer=answer, metadata=metadata, options=self.options
+                reward_name=self.reward_name,
+                response=response,
+                answer=answer,
+                metadata=metadata,
+                prompt=prompt,
+                options=self.options,
             )
-            for response, answer, metadata in zip(responses, answers, metadatas, strict=True)
+            for response, answer, metadata, prompt in zip(
+                responses, answers, metadatas, prompts or [None] * len(responses), strict=True
+            )
         ]
         results: list[RewardResult] = []
         for outcome in self._pool.map(tasks):
@@ -221,6 +233,7 @@ class RewardPool:
                 [rollout.response_text for _, rollout in pairs],
                 [prompt.answer for prompt, _ in pairs],
                 [prompt.metadata for prompt, _ in pairs],
+                prompts=[prompt.prompt for prompt, _ in pairs],
             )
         )
         scored, all_results = [], []

@@ -41,6 +41,8 @@ class RewardResult:
     """ok, or timeout / error: verification did not finish, the reward is 0 and the pool counts it."""
     error: str = ""
     """Why verification failed (status timeout / error), or why a program failed its tests (status ok)."""
+    extras: dict[str, float] = field(default_factory=dict)
+    """A user reward function's extra metrics (`rewards/custom.py`), averaged into the step's metrics."""
 
 
 def failed_result(status: RewardStatus, error: str) -> RewardResult:

@@ -5,6 +5,7 @@ Every reward function has the signature `fn(response, *, answer, metadata, optio
 inside the worker processes of `RewardPool` (on the worker's main thread, which math-verify's signal-based
 timeouts need), or directly in tests. A response is *correct* when the verifier accepts its extracted answer; the
 reward is 1 for correct, plus `format_bonus` for a well-formatted response, and 0 when the format gate rejects it.
+A reward.name of the form `module:function` or `file.py:function` is the user's own function (`custom.py`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from guide_mega.config import ConfigError
 from guide_mega.rewards.answers import ExtractedAnswer, extract_answer, extract_boxed
 from guide_mega.rewards.choices import multiple_choice_reward
 from guide_mega.rewards.code import code_reward
+from guide_mega.rewards.custom import canonical_custom_name, custom_reward, is_custom_reward, load_custom_reward
 from guide_mega.rewards.results import RewardOptions, RewardResult, failed_result, finish_result
 
 # Key of Prompt.metadata holding the reasoning-gym entry ({question, answer, metadata}) its scorer needs.
@@ -30,6 +33,8 @@ class RewardTask:
 
     reward_name: str
     response: str
+    prompt: str | list[dict] | None = None
+    """The hint-free prompt; only a user reward function (`custom.py`) reads it."""
     answer: str | list[str]
     metadata: dict[str, Any] = field(default_factory=dict)
     options: RewardOptions = field(default_factory=RewardOptions)
@@ -125,14 +130,30 @@ REWARD_FNS: dict[str, RewardFn] = {
 def get_reward_fn(name: str) -> RewardFn:
     """The reward function registered under `name`."""
     if name not in REWARD_FNS:
-        raise KeyError(f"reward.name: unknown reward {name!r}; registered: {sorted(REWARD_FNS)}")
+        forms = "or a function of your own: 'package.module:function' or 'path/to/file.py:function'"
+        raise ConfigError(f"reward.name: unknown reward {name!r}; registered: {sorted(REWARD_FNS)}, {forms}")
     return REWARD_FNS[name]
+
+
+def check_reward_name(name: str) -> str:
+    """`name` as workers should see it, after checking that it names a registered reward or an importable user
+    function with the right signature (ConfigError otherwise)."""
+    if not is_custom_reward(name):
+        get_reward_fn(name)
+        return name
+    name = canonical_custom_name(name)
+    load_custom_reward(name)
+    return name
 
 
 def score_task(task: RewardTask) -> RewardResult:
     """Score one task in this process; an exception in the verifier becomes an error result, never a crash."""
-    reward_fn = get_reward_fn(task.reward_name)
     try:
+        if is_custom_reward(task.reward_name):
+            return custom_reward(
+                task.reward_name, prompt=task.prompt, response=task.response, answer=task.answer, metadata=task.metadata
+            )
+        reward_fn = get_reward_fn(task.reward_name)
         return reward_fn(task.response, answer=task.answer, metadata=task.metadata, options=task.options)
     except Exception as exc:  # a verifier bug on one odd response must not stop the training step
         return failed_result("error", f"{type(exc).__name__}: {exc}")

@@ -81,5 +81,5 @@ def test_score_task_turns_verifier_errors_into_results():
 
 def test_registry_names_unknown_reward():
     assert get_reward_fn("math") is math_reward
-    with pytest.raises(KeyError, match="reward.name: unknown reward 'nope'"):
+    with pytest.raises(ValueError, match="reward.name: unknown reward 'nope'"):
         get_reward_fn("nope")
