@@ -8,6 +8,7 @@ on top. Unknown keys, wrong types and out-of-range values raise `ConfigError` na
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import operator
 import re
 import types
@@ -47,7 +48,7 @@ class ParallelConfig:
     pipeline: int = ranged(1, ge=1)
     """Pipeline-parallel size (layers split into stages)."""
     context: int = ranged(1, ge=1)
-    """Context-parallel size (long sequences split across ranks)."""
+    """Context-parallel size (long sequences split across ranks); not supported yet: only 1 is accepted."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor > 1)."""
     timeout_minutes: int = ranged(180, ge=1)
@@ -380,6 +381,27 @@ def _check_range(value: Any, metadata: typing.Mapping, key: str) -> None:
             raise ConfigError(f"{key}: must be {symbol} {bound}, got {value!r}")
 
 
+def _key_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every key path of dataclass `cls`, sections and leaves."""
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for item in dataclasses.fields(cls):
+        paths.append(f"{prefix}{item.name}")
+        if dataclasses.is_dataclass(hints[item.name]):
+            paths += _key_paths(hints[item.name], f"{prefix}{item.name}.")
+    return paths
+
+
+def _suggestion(name: str, cls: type, prefix: str) -> str:
+    """' (did you mean 'x'?)' for unknown key `name`: the closest key of its section, else of the whole config."""
+    close = difflib.get_close_matches(name, [item.name for item in dataclasses.fields(cls)], n=1)
+    if close:
+        return f" (did you mean {prefix + close[0]!r}?)"
+    by_name = {path.rpartition(".")[2]: path for path in reversed(_key_paths(Config))}
+    close = difflib.get_close_matches(name, list(by_name), n=1)
+    return f" (did you mean {by_name[close[0]]!r}?)" if close else ""
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, str]) -> Any:
     """Instantiate dataclass `cls` from a nested dict, checking keys, types and ranges."""
     if not isinstance(values, dict):
@@ -393,8 +415,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, st
             if key in RENAMED_KEYS:
                 raise ConfigError(f"{key}: renamed to {RENAMED_KEYS[key]}")
             if name not in fields:
-                close = [f for f in fields if f.startswith(name[:3])]
-                raise ConfigError(f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise ConfigError(f"{key}: unknown key{_suggestion(name, cls, prefix)}")
             if dataclasses.is_dataclass(hints[name]):
                 kwargs[name] = _build(hints[name], value, f"{key}.", origins)
                 continue
@@ -411,6 +432,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, st
 def _cross_checks(config: Config) -> list[str]:
     """Constraints between fields, as 'key: message' strings."""
     errors = []
+    if config.parallel.context > 1:
+        errors.append("parallel.context: context parallelism is not supported yet; set parallel.context=1")
     if config.parallel.sequence_parallel and config.parallel.tensor == 1:
         errors.append("parallel.sequence_parallel: needs parallel.tensor > 1")
     if config.optimizer.min_lr > config.optimizer.lr:
