@@ -23,10 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from guide_mega.training.architecture import ModelArchitecture
+from guide_mega.training.checkpoint_pickles import UnsafePickleError, check_checkpoint_pickles
 from guide_mega.training.distributed import ParallelLayout
 from guide_mega.training.weight_export import iter_hf_weight_buckets
 
@@ -40,6 +43,7 @@ FINGERPRINT_RTOL = 1e-9
 # Key of the metadata's file manifest: {relative path: {"bytes": size, "crc32": checksum}}.
 MANIFEST_KEY = "files"
 _CHECKSUM_CHUNK_BYTES = 16 << 20
+_REQUIRED_METADATA = ("tensor_parallel", "pipeline_parallel", "weight_fingerprint")
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,23 @@ def _sharded_state(module, optimizer, scheduler, extra: dict, *, is_loading: boo
         "scheduler": scheduler.state_dict(),
         "extra": extra,
     }
+
+
+@contextmanager
+def checkpoint_failures_as_errors(path: Path, action: str):
+    """Raise a CheckpointError naming the checkpoint, the action and each failed rank's cause for a failed
+    Megatron save or load: torch reports it as CheckpointException, a BaseException that `except Exception`
+    (and so the CLI's one-line error handling) would let through as a traceback."""
+    try:
+        yield
+    except CheckpointException as exc:
+        causes = "; ".join(
+            f"on rank {rank}: {type(failure).__name__}: {failure}"
+            for rank, (failure, _trace) in sorted(exc.failures.items())
+        )
+        raise CheckpointError(f"checkpoint {path}: {action} failed {causes}") from None
+    except (CheckpointingException, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {action} failed: {type(exc).__name__}: {exc}") from None
 
 
 @contextmanager
@@ -180,49 +201,50 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
-    with _savable_optimizer_state(optimizer):
-        state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
-        with single_threaded_cpu_ops():
-            dist_checkpointing.save(state, str(temporary))
-    fingerprint = weight_fingerprint(module)
-    _barrier()
-    files = file_manifest(temporary)
-    if _is_global_rank_zero():
-        metadata = {
-            "step": step,
-            "tensor_parallel": layout.tensor,
-            "pipeline_parallel": layout.pipeline,
-            "weight_fingerprint": fingerprint,
-            MANIFEST_KEY: files,
-        }
-        (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
+    try:
+        with checkpoint_failures_as_errors(final, "saving"), _savable_optimizer_state(optimizer):
+            state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
+            with single_threaded_cpu_ops():
+                dist_checkpointing.save(state, str(temporary))
+        fingerprint = weight_fingerprint(module)
+        _barrier()
+        files = file_manifest(temporary)
+        if _is_global_rank_zero():
+            metadata = {
+                "step": step,
+                "tensor_parallel": layout.tensor,
+                "pipeline_parallel": layout.pipeline,
+                "weight_fingerprint": fingerprint,
+                MANIFEST_KEY: files,
+            }
+            with checkpoint_failures_as_errors(final, "saving"):
+                (temporary / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            temporary.rename(final)
+    except CheckpointError as exc:
+        # A full disk is the usual cause: free the partial write; the previous checkpoints were never touched.
+        if _is_global_rank_zero():
+            shutil.rmtree(temporary, ignore_errors=True)
+        free_gib = shutil.disk_usage(root).free / 2**30
+        raise CheckpointError(f"{exc} ({free_gib:.1f} GiB free under {root}; earlier checkpoints are kept)") from None
     _barrier()
     return final
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under root (a metadata file present), oldest first."""
-    root = Path(root)
+def _step_directories(root: Path) -> list[Path]:
+    """Every `step_<n>` directory under root, complete or not, oldest first."""
     if not root.is_dir():
         return []
-    found = [
-        (int(match.group(1)), path)
-        for path in root.iterdir()
-        if (match := _STEP_DIR.match(path.name)) and (path / METADATA_FILE).is_file()
-    ]
+    found = [(int(match.group(1)), path) for path in root.iterdir() if (match := _STEP_DIR.match(path.name))]
     return [path for _, path in sorted(found)]
 
 
-def verify_checkpoint(path: str | Path, *, checksums: bool = True, rank: int = 0, world_size: int = 1) -> dict:
-    """The checkpoint's metadata, once every file of its manifest is present with its recorded size and (with
-    `checksums`) its recorded CRC-32. This process checksums files[rank::world_size]; sizes are checked for all.
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under root (a metadata file present), oldest first."""
+    return [path for path in _step_directories(Path(root)) if (path / METADATA_FILE).is_file()]
 
-    Raises CheckpointError naming the checkpoint and the bad file. A checkpoint written before manifests existed
-    has none: only its metadata is checked.
-    """
-    path = Path(path)
+
+def _read_metadata(path: Path) -> dict:
     metadata_path = path / METADATA_FILE
     if not metadata_path.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {METADATA_FILE} is missing")
@@ -232,7 +254,43 @@ def verify_checkpoint(path: str | Path, *, checksums: bool = True, rank: int = 0
         raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} is corrupt ({exc})") from None
     if not isinstance(metadata, dict):
         raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} is corrupt (not a JSON object)")
-    for index, (name, expected) in enumerate(sorted(metadata.get(MANIFEST_KEY, {}).items())):
+    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} lacks {missing}")
+    return metadata
+
+
+def _checked_manifest(path: Path, manifest: object) -> dict[str, dict[str, int]]:
+    """The manifest, once it lists exactly the regular files under `path` (besides the metadata file)."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} has no file list ('{MANIFEST_KEY}'); refused")
+    for name, entry in manifest.items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts or name == METADATA_FILE:
+            raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} lists {name!r}, a path outside the checkpoint")
+        if not isinstance(entry, dict) or not all(type(entry.get(key)) is int for key in ("bytes", "crc32")):
+            raise CheckpointError(f"checkpoint {path}: {METADATA_FILE} entry {name!r} is not {{bytes, crc32}}")
+    for found in sorted(path.rglob("*")):
+        name = str(found.relative_to(path))
+        if found.is_symlink():
+            raise CheckpointError(f"checkpoint {path}: {name} is a symbolic link; a checkpoint holds only files")
+        if found.is_file() and name != METADATA_FILE and name not in manifest:
+            raise CheckpointError(f"checkpoint {path} holds {name}, which its manifest does not list")
+    return manifest
+
+
+def verify_checkpoint(path: str | Path, *, checksums: bool = True, rank: int = 0, world_size: int = 1) -> dict:
+    """The checkpoint's metadata, once its manifest lists exactly the files present, each with its recorded size and
+    (with `checksums`) its recorded CRC-32, and every pickle Megatron would read passes its allowlist. This process
+    checksums files[rank::world_size]; sizes are checked for all.
+
+    Raises CheckpointError naming the checkpoint and the bad file. The CRC-32s find damage, not tampering (anyone
+    can recompute them): the allowlists are what make a checkpoint from an untrusted place safe to load.
+    """
+    path = Path(path)
+    metadata = _read_metadata(path)
+    manifest = _checked_manifest(path, metadata.get(MANIFEST_KEY))
+    for index, (name, expected) in enumerate(sorted(manifest.items())):
         file_path = path / name
         if not file_path.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
@@ -241,6 +299,10 @@ def verify_checkpoint(path: str | Path, *, checksums: bool = True, rank: int = 0
             raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, not the {expected['bytes']} written")
         if checksums and index % world_size == rank and _file_checksum(file_path) != expected["crc32"]:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (its CRC-32 differs from the one written)")
+    try:
+        check_checkpoint_pickles(path, set(manifest))
+    except UnsafePickleError as exc:
+        raise CheckpointError(f"checkpoint {path}: a pickle in it is refused: {exc}") from None
     return metadata
 
 
@@ -269,7 +331,8 @@ def newest_valid_checkpoint(
     Collective when torch.distributed is initialised: the ranks share the checksumming and agree on the answer.
     """
     skipped = []
-    for path in reversed(list_checkpoints(root)):
+    # Every step directory, so that one without its metadata (copied in part, or edited) is named, not passed over.
+    for path in reversed(_step_directories(Path(root))):
         error = _verification_error([path, *(Path(companion) / path.name for companion in companions)])
         if error is None:
             return path, skipped
@@ -325,6 +388,8 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, sch
     """
     path = Path(path)
     metadata = verify_checkpoint(path, checksums=False)
+    if type(metadata.get("step")) is not int:
+        raise CheckpointError(f"checkpoint {path} records no training step (a converted model, not a resume point)")
     saved_layout = (metadata["tensor_parallel"], metadata["pipeline_parallel"])
     if saved_layout != (layout.tensor, layout.pipeline):
         raise CheckpointError(
@@ -332,7 +397,8 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, sch
         )
     _materialise_optimizer_state(optimizer)
     state = _sharded_state(module, optimizer, scheduler, {}, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(path))
+    with checkpoint_failures_as_errors(path, "loading"):
+        loaded = dist_checkpointing.load(state, str(path))
     # fp32 master weights are views of the model parameters: copy into them without recording autograd history.
     with torch.no_grad():
         module.load_state_dict(loaded["model"])
