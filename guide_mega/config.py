@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import operator
 import re
 import types
@@ -51,7 +52,7 @@ class ParallelConfig:
     """Context-parallel size (long sequences split across ranks); not supported yet: only 1 is accepted."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tensor > 1)."""
-    timeout_minutes: int = ranged(180, ge=1)
+    timeout_minutes: int = ranged(180, ge=1, le=10080)
     """Timeout of collectives (the NCCL watchdog, gloo): ranks wait while rank 0 samples, scores or evaluates, which
     can take far longer than torch's 10-minute default."""
 
@@ -229,7 +230,7 @@ class DataConfig:
 class RewardConfig:
     name: str = "math"
     """Reward function from the registry: math, exact_match, reasoning_gym, code, multiple_choice."""
-    timeout_s: float = ranged(5.0, gt=0.0)
+    timeout_s: float = ranged(5.0, gt=0.0, le=3600.0)
     """Per-sample verification timeout; a timeout scores 0 and is counted."""
     num_workers: int = ranged(4, ge=1)
     """Processes in the verification pool."""
@@ -239,9 +240,9 @@ class RewardConfig:
     """Added to the reward of a well-formatted response (correctness still decides 'solved')."""
     lenient: bool = False
     """Take the last number of a response that marks no answer (for very small models that never write one)."""
-    code_timeout_s: float = ranged(2.0, gt=0.0)
+    code_timeout_s: float = ranged(2.0, gt=0.0, le=600.0)
     """code: wall-clock limit of one sandboxed program run (one per test); timeout_s must cover all the tests."""
-    code_memory_mb: int = ranged(512, ge=64)
+    code_memory_mb: int = ranged(512, ge=64, le=65536)
     """code: address-space limit of a sandboxed program run."""
     code_partial_credit: bool = False
     """code: reward the fraction of tests passed instead of 1 only when all pass."""
@@ -336,6 +337,17 @@ RENAMED_KEYS = {
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+def _finite_float(value: str | int | float, key: str) -> float:
+    """float(value), refusing infinity and NaN: no limit, timeout or rate means anything there."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}: expected a finite number, got an integer too large for a float") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {number}")
+    return number
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type `hint` and convert lossless cases (int -> float, '1e-6' -> float)."""
     origin = typing.get_origin(hint)
@@ -361,9 +373,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         # PyYAML reads '1e-6' (no dot) as a string, so numeric text is accepted for float fields.
         if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)
+            return _finite_float(value, key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            return _finite_float(value, key)
     elif hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif hint in (bool, str) and isinstance(value, hint):
@@ -402,6 +414,20 @@ def _suggestion(name: str, cls: type, prefix: str) -> str:
     return f" (did you mean {by_name[close[0]]!r}?)" if close else ""
 
 
+def _origin_of_key(key: str, origins: dict[str, str]) -> str:
+    """Where `key` was set: itself, its section, or a key below it (a value overridden as if it were a section)."""
+    candidates = [key, key.rpartition(".")[0], *(name for name in origins if name.startswith(f"{key}."))]
+    return next((origins[name] for name in candidates if name in origins), "defaults")
+
+
+def _origin_of_message(message: str, origins: dict[str, str], default: str) -> str:
+    """Where the keys that a cross-check message names were set, a command-line override first (it is the change
+    the user just made)."""
+    named = [origins[key] for key in re.findall(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+", message) if key in origins]
+    overrides = [where for where in named if where.startswith("command-line override")]
+    return (overrides or named or [default])[0]
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, str]) -> Any:
     """Instantiate dataclass `cls` from a nested dict, checking keys, types and ranges."""
     if not isinstance(values, dict):
@@ -424,8 +450,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, st
         except ConfigError as exc:
             if str(exc).startswith("config error in"):
                 raise
-            where = origins.get(key) or origins.get(prefix.rstrip(".")) or "defaults"
-            raise ConfigError(f"config error in {where}: {exc}") from None
+            raise ConfigError(f"config error in {_origin_of_key(key, origins)}: {exc}") from None
     return cls(**kwargs)
 
 
@@ -444,7 +469,56 @@ def _cross_checks(config: Config) -> list[str]:
             errors.append(f"algorithm.guide.hint_template: must contain {{{name}}}, got {guide.hint_template!r}")
     if config.train.prompts_per_step % config.train.mini_batches_per_step:
         errors.append("train.mini_batches_per_step: must divide train.prompts_per_step")
+    reward = config.reward
+    if reward.name == "code" and reward.timeout_s < reward.code_timeout_s:
+        errors.append(
+            f"reward.timeout_s: {reward.timeout_s} is shorter than reward.code_timeout_s {reward.code_timeout_s}, "
+            "the limit of one program run (each test is a run of its own)"
+        )
     return errors
+
+
+class _YamlRefusal(yaml.YAMLError):
+    """YAML that parses but that a config refuses, at a line."""
+
+    def __init__(self, mark: yaml.Mark, reason: str) -> None:
+        super().__init__(reason)
+        self.line, self.reason = mark.line + 1, reason
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """YAML as a config needs it: no aliases (so no alias bomb), string keys only (`1:`, `null:`, and `on:` or `yes:`,
+    which YAML 1.1 reads as booleans, are refused) and no key given twice (YAML would keep the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _YamlRefusal(self.peek_event().start_mark, "aliases (*name) are not supported in configs")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        first_lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                reason = f"key {key_node.value!r} is read as {type(key).__name__} {key!r}, not a string; quote it"
+                raise _YamlRefusal(key_node.start_mark, reason)
+            if key in first_lines:
+                reason = f"key {key!r} is given twice (first at line {first_lines[key]})"
+                raise _YamlRefusal(key_node.start_mark, reason)
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """`text` parsed by _StrictYamlLoader; any problem is one ConfigError line naming `where` (and the line)."""
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader)
+    except _YamlRefusal as exc:
+        raise ConfigError(f"config error in {where}, line {exc.line}: {exc.reason}") from None
+    except RecursionError:
+        raise ConfigError(f"config error in {where}: nested too deeply") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer past Python's digit limit
+        raise ConfigError(f"config error in {where}: invalid YAML: {' '.join(str(exc).split())}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -452,7 +526,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"config error in command-line override {text!r}: expected section.key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), _load_yaml(raw, f"command-line override {text!r}") if raw.strip() else ""
 
 
 def _merge(target: dict, path: list[str], value: Any) -> None:
@@ -478,9 +552,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     origins: dict[str, str] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config error in {path}: invalid YAML: {exc}") from None
+            loaded = _load_yaml(Path(path).read_text(), str(path))
         except OSError as exc:
             raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -494,8 +566,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     config = _build(Config, values, "", origins)
     errors = _cross_checks(config)
     if errors:
-        where = str(path) if path is not None else "command line"
-        raise ConfigError(f"config error in {where}: " + "; ".join(errors))
+        default = str(path) if path is not None else "defaults"
+        raise ConfigError("; ".join(f"config error in {_origin_of_message(e, origins, default)}: {e}" for e in errors))
     return config
 
 
