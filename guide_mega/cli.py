@@ -30,6 +30,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from guide_mega.config import load_config
     from guide_mega.evaluation.plots import plot_training_curves
+    from guide_mega.run_report import algorithm_label, describe_run
     from guide_mega.trainer import run_training
 
     # Megatron warns at import and in every step about optional accelerators it lacks (apex, Transformer Engine)
@@ -41,10 +42,11 @@ def _train(args: argparse.Namespace) -> int:
     trainer = run_training(config)
     if trainer.rollout is not None and trainer.run_log.rows:  # rank 0 holds the rollout side and the log
         run_dir = Path(config.logging.run_dir)
-        table = trainer.run_log.summary_table()
-        (run_dir / "summary.md").write_text(table)
-        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", keys=CURVE_KEYS)
-        print(table + f"\nmetrics, TensorBoard events, summary.md and curves.png are in {run_dir}")
+        summary = trainer.run_log.summary_table() + "\n" + describe_run(trainer.run_log.rows, config)
+        (run_dir / "summary.md").write_text(summary)
+        title = f"{run_dir.resolve().name}: {algorithm_label(config.algorithm)}"
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", keys=CURVE_KEYS, title=title)
+        print(summary, end="")
     return 0
 
 

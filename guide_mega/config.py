@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import operator
 import re
@@ -277,13 +278,37 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    enabled: bool = False
+    """Also log metrics and rollout samples (as a table) to Weights & Biases; needs the `wandb` extra."""
+    project: str = "guide-mega"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user; null: the account's default."""
+    name: str | None = None
+    """Run name; null: the name of logging.run_dir."""
+    mode: Literal["online", "offline"] = "online"
+    """offline writes the run under <logging.run_dir>/wandb with no network (upload later with `wandb sync`)."""
+    tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run."""
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     run_dir: str = "runs/default"
-    """Where metrics, the resolved config and plots go."""
+    """Where metrics, the resolved config, rollout samples and plots go."""
     tensorboard: bool = True
     """Write TensorBoard event files beside the JSONL metrics."""
     progress_bar: bool = True
-    """Show a progress bar (off for non-interactive logs)."""
+    """Show a progress bar with the current phase when stdout and stderr are terminals; otherwise (false, or output
+    redirected to a file as under Slurm) print one line per step."""
+    samples_per_step: int = ranged(16, ge=0)
+    """Rollouts of each step written to <run_dir>/samples.jsonl (prompt, hint, response, reward, finish reason),
+    taken from every group in turn, guided groups first; 0 writes none."""
+    samples_max_mb: float = ranged(100.0, gt=0.0)
+    """samples.jsonl stops growing at this size; the samples not written are counted in the log."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases, beside the JSONL metrics and TensorBoard."""
 
 
 @dataclass(kw_only=True)
@@ -321,7 +346,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Step counts and batch sizes."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Metrics, TensorBoard, progress bar."""
+    """Metrics (JSONL, TensorBoard, W&B), rollout samples, the progress bar or per-step lines."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Saving and resuming."""
 
@@ -469,6 +494,8 @@ def _cross_checks(config: Config) -> list[str]:
             errors.append(f"algorithm.guide.hint_template: must contain {{{name}}}, got {guide.hint_template!r}")
     if config.train.prompts_per_step % config.train.mini_batches_per_step:
         errors.append("train.mini_batches_per_step: must divide train.prompts_per_step")
+    if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        errors.append("logging.wandb.enabled: the wandb package is not installed (pip install 'guide-mega[wandb]')")
     reward = config.reward
     if reward.name == "code" and reward.timeout_s < reward.code_timeout_s:
         errors.append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,15 @@ def broadcast_object(value: object, group: Any = None) -> object:
 class PhaseTimer:
     """Wall time per phase of a step (rollout, reward, old logprobs, train, weight sync)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_enter: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_enter = on_enter
+        """Told the name of each phase as it starts (the progress bar shows it)."""
 
     @contextmanager
     def __call__(self, phase: str):
+        if self.on_enter is not None:
+            self.on_enter(phase)
         start = time.perf_counter()
         yield
         self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
@@ -156,7 +161,7 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One RL step in the order of DESIGN.md §2; returns its metrics (identical on every rank)."""
         config, algorithm, guide = self.config, self.config.algorithm, self.config.algorithm.guide
-        timer, start, payload = PhaseTimer(), time.perf_counter(), (None, None, {})
+        timer, start, payload = PhaseTimer(self.run_log.phase), time.perf_counter(), (None, None, {})
         if self.rollout is not None:  # rank 0 samples and scores; the other ranks get the packed batch
             engine, pool, tokenize = self.rollout.engine, self.rollout.reward_pool, self.rollout.tokenize
             seed = step_seed(config.train.seed, self.step_index)
@@ -165,18 +170,23 @@ class Trainer:
                 "group_size": config.rollout.group_size,
             }
             groups, metrics, rounds = [], Metrics(), 0
+            sampled_groups = []  # both waves of every round, before merging and filtering (for samples.jsonl)
             while len(groups) < config.train.prompts_per_step and rounds < max_sampling_rounds(algorithm):
                 rounds += 1  # Filter-GRPO samples more prompts while dropped groups leave the batch short
                 prompts = self.rollout.loader.next_batch(config.train.prompts_per_step - len(groups))
+                self.run_log.phase("rollout")
                 wave, sampled = first_wave(engine, tokenize, prompts, **waves)
                 wave, scored = score_groups(wave, pool, prefix="rollout")
                 metrics += sampled + scored
+                sampled_groups += wave
                 if guide.enabled:
                     unsolved = find_unsolved_groups(wave, threshold=guide.threshold)
+                    self.run_log.phase("guide wave")
                     plan, guided, sampled = hinted_wave(
                         engine, tokenize, wave, unsolved, template=guide.hint_template, **waves
                     )
                     guided, scored = score_groups(guided, pool, prefix="guided")
+                    sampled_groups += guided
                     guided = dict(zip(plan.group_indices, guided, strict=True))
                     merged, dropped = merge_guided_groups(
                         wave, guided, mode=guide.merge, drop_equal_rewards=guide.drop_equal_rewards
@@ -187,6 +197,7 @@ class Trainer:
                     wave, filtered = keep_groups_with_variance(wave)
                     metrics += filtered
                 groups += wave
+            self.run_log.samples(self.step_index + 1, sampled_groups)
             payload = self._pack(groups, metrics, rounds=rounds)
         self._engines_done_sampling()
         batch, advantages_S, metrics = self._share(payload)
@@ -321,6 +332,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint policy, optimizer and the loop's state (data position, RNG) at the current step."""
+        self.run_log.phase("checkpoint")
         state = {"loader": self.rollout.loader.state_dict(), "rng": rng_state()} if self.rollout is not None else None
         extra = broadcast_object(state, self.engines.objects)
         if self.critic is not None:
@@ -384,6 +396,7 @@ class Trainer:
                 metrics = self.step()
                 self.step_index += 1
                 if self.rollout is not None and self.rollout.evaluator is not None:
+                    self.run_log.phase("eval")
                     is_last = self.step_index == self.config.train.steps
                     metrics.update(self.rollout.evaluator(self.step_index, is_last=is_last))
                 if self.config.train.eval_every:

@@ -75,9 +75,9 @@ def evaluate_checkpoint(
     limit: int | None = None,
     held_out_from: Config | None = None,
 ) -> dict:
-    """Evaluate and write `results.json`/`.md` (and `results_hinted.*`, `hint_lift.json` for hints='with'/'both')
-    and `pass_at_k.png`; returns the summaries. With `held_out_from` (a training config), problems of its training
-    data are left out and counted."""
+    """Evaluate and write `results.json`/`.md`, every generation to `generations.jsonl` (and `results_hinted.*`,
+    `generations_hinted.jsonl`, `hint_lift.json` for hints='with'/'both') and `pass_at_k.png`; returns the
+    summaries. With `held_out_from` (a training config), problems of its training data are left out and counted."""
     from guide_mega.data import render_prompt_ids
     from guide_mega.evaluation.plots import plot_pass_at_k
     from guide_mega.rewards import RewardPool
@@ -112,8 +112,12 @@ def evaluate_checkpoint(
             problems = [p for p in problems if p.has_hint]  # the lift compares the same problems
         for with_hints in runs:
             run_settings = dataclasses.replace(settings, with_hints=with_hints)
-            results = evaluate(engine, pool, problems, tokenize=tokenize, settings=run_settings, meta=meta)
-            name = "results_hinted" if with_hints else "results"
+            suffix = "_hinted" if with_hints else ""
+            results = evaluate(
+                engine, pool, problems, tokenize=tokenize, settings=run_settings, meta=meta,
+                generations_path=output / f"generations{suffix}.jsonl",
+            )  # fmt: skip
+            name = f"results{suffix}"
             summaries[name] = _write(results, output, name, ks)
             curves["with hint" if with_hints else "without hint"] = results
     plot_pass_at_k(curves, output / "pass_at_k.png")

@@ -5,17 +5,20 @@ each problem's hint. Talks to the engine through the `RolloutEngine` protocol an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
 from guide_mega.algorithms.guide import DEFAULT_HINT_TEMPLATE, hinted_prompt
 from guide_mega.evaluation.passk import EvalResults, ProblemResult
-from guide_mega.rewards import RewardPool
-from guide_mega.rollout.engine import RolloutEngine, SamplingParams
+from guide_mega.rewards import RewardPool, RewardResult
+from guide_mega.rollout.engine import Completion, RolloutEngine, SamplingParams
 from guide_mega.types import Prompt, PromptContent
 
 Tokenize = Callable[[PromptContent], list[int]]
@@ -61,6 +64,28 @@ def _select(prompts: Sequence[Prompt], tokenize: Tokenize, settings: EvalSetting
     return _Selection(prompts=kept, prompt_ids=kept_ids, skipped=skipped)
 
 
+def generation_row(
+    problem: Prompt, completion: Completion, result: RewardResult, *, with_hints: bool, greedy: bool
+) -> dict:
+    """One evaluated generation as a JSON row, with the field names of a training run's samples.jsonl."""
+    hint = None
+    if with_hints:
+        hint = problem.hinted_prompt if problem.hinted_prompt is not None else problem.hint
+    return {
+        "prompt_id": problem.id,
+        "guided": with_hints,
+        "greedy": greedy,
+        "prompt": problem.prompt,
+        "hint": hint,
+        "response": completion.text,
+        "extracted": result.extracted,
+        "reward": result.reward,
+        "correct": result.correct,
+        "finish_reason": completion.finish_reason,
+        "response_tokens": len(completion.response_ids),
+    }
+
+
 def _correct_flags(
     engine: RolloutEngine,
     reward_pool: RewardPool,
@@ -70,8 +95,10 @@ def _correct_flags(
     sampling: SamplingParams,
     settings: EvalSettings,
     progress: tqdm,
+    generations: TextIO | None,
 ) -> list[list[bool]]:
-    """[problem][copy] correctness of `copies` completions per selected prompt."""
+    """[problem][copy] correctness of `copies` completions per selected prompt; each generation is also written as
+    a JSON row to `generations` when given."""
     requests = [(index, ids) for index, ids in enumerate(selection.prompt_ids) for _ in range(copies)]
     flags: list[list[bool]] = [[] for _ in selection.prompts]
     for start in range(0, len(requests), settings.requests_per_call):
@@ -86,6 +113,12 @@ def _correct_flags(
         )
         for (index, _), result in zip(chunk, results, strict=True):
             flags[index].append(result.correct)
+        if generations is not None:
+            for problem, completion, result in zip(problems, completions, results, strict=True):
+                row = generation_row(
+                    problem, completion, result, with_hints=settings.with_hints, greedy=sampling.is_greedy
+                )
+                generations.write(json.dumps(row, ensure_ascii=False) + "\n")
         progress.update(len(chunk))
     return flags
 
@@ -99,8 +132,10 @@ def evaluate(
     settings: EvalSettings,
     meta: dict | None = None,
     show_progress: bool = True,
+    generations_path: str | Path | None = None,
 ) -> EvalResults:
-    """Per-problem correct counts of `settings.num_samples` samples (and the greedy answer's correctness)."""
+    """Per-problem correct counts of `settings.num_samples` samples (and the greedy answer's correctness); with
+    `generations_path`, every generation (prompt, hint, response, reward, finish reason) is written there as JSONL."""
     if settings.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {settings.num_samples}")
     selection = _select(prompts, tokenize, settings)
@@ -108,10 +143,13 @@ def evaluate(
         raise ValueError(f"no problem left to evaluate (skipped: {selection.skipped})")
     total = len(selection.prompts) * (settings.num_samples + settings.greedy)
     label = "eval (hinted)" if settings.with_hints else "eval"
-    with tqdm(total=total, desc=label, unit="sample", disable=not show_progress) as progress:
+    with (
+        tqdm(total=total, desc=label, unit="sample", disable=not show_progress) as progress,
+        open(generations_path, "w", encoding="utf-8") if generations_path else contextlib.nullcontext() as generations,
+    ):
         sampled = _correct_flags(
             engine, reward_pool, selection, copies=settings.num_samples, sampling=settings.sampling,
-            settings=settings, progress=progress,
+            settings=settings, progress=progress, generations=generations,
         )  # fmt: skip
         greedy_sampling = dataclasses.replace(settings.sampling, temperature=0.0, top_p=1.0, top_k=-1, seed=None)
         greedy = (
@@ -123,6 +161,7 @@ def evaluate(
                 sampling=greedy_sampling,
                 settings=settings,
                 progress=progress,
+                generations=generations,
             )  # fmt: skip
             if settings.greedy
             else [[None] for _ in selection.prompts]

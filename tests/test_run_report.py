@@ -1,0 +1,59 @@
+"""The words at the end of a run: the algorithm's name and sentences computed from the run's own metrics."""
+
+import json
+
+import pytest
+
+from guide_mega.config import load_config
+from guide_mega.run_report import algorithm_label, describe_run
+
+
+def _config(**overrides):
+    values = {"logging.run_dir": "runs/demo", "rollout.group_size": 8, **overrides}
+    return load_config(None, [f"{key}={json.dumps(value)}" for key, value in values.items()])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "label"),
+    [
+        ({}, "GRPO"),
+        ({"algorithm.filter_groups": True}, "Filter-GRPO"),
+        ({"algorithm.guide.enabled": True}, "Guide-GRPO"),
+        ({"algorithm.guide.enabled": True, "algorithm.filter_groups": True}, "Guide-GRPO + filter"),
+        ({"algorithm.estimator": "gae"}, "PPO"),
+        ({"algorithm.estimator": "gae", "algorithm.guide.enabled": True}, "Guide-PPO"),
+    ],
+)
+def test_algorithm_label(overrides, label):
+    assert algorithm_label(_config(**overrides).algorithm) == label
+
+
+def test_a_guide_run_is_told_from_its_numbers():
+    step = {
+        "rollout/num_rollouts": 64.0, "guide/num_unsolved_groups": 7.0, "guide/num_guided_groups": 6.0,
+        "guide/guided_groups_solved": 4.0, "guide/num_unsolved_without_hint": 1.0, "train/num_groups": 5.0,
+        "filter/num_groups_dropped": 3.0,
+    }  # fmt: skip
+    config = _config(**{"algorithm.guide.enabled": True, "algorithm.filter_groups": True})
+    assert describe_run([step, step], config).splitlines() == [
+        "In 2 steps the first wave sampled 16 prompts; 14 of them were unsolved (no correct answer in 8 tries).",
+        "Guide sampled 12 of them again with the hint in the prompt, and the hint rescued 8 (at least one correct "
+        "answer); 2 had no hint.",
+        "The policy trained on 10 groups, after Filter-GRPO dropped 6 without reward variance.",
+        "Plain GRPO would have had at most 2 groups with a learning signal: an unsolved group's rewards are all 0, "
+        "so its advantages are 0.",
+        "Plots: runs/demo/curves.png; rollout samples (prompt, hint, response, reward): runs/demo/samples.jsonl; "
+        "every metric: runs/demo/metrics.jsonl.",
+    ]
+
+
+def test_a_filter_grpo_run_counts_its_zero_variance_groups():
+    step = {"rollout/num_rollouts": 32.0, "train/num_groups": 1.0, "filter/num_groups_dropped": 3.0}
+    config = _config(**{"algorithm.filter_groups": True, "logging.samples_per_step": 0})
+    lines = describe_run([step], config).splitlines()
+    assert lines == [
+        "In 1 step the first wave sampled 4 prompts.",
+        "The policy trained on 1 group, after Filter-GRPO dropped 3 without reward variance.",
+        "3 of 4 groups had equal rewards: no learning signal for plain GRPO.",
+        "Plots: runs/demo/curves.png; every metric: runs/demo/metrics.jsonl.",
+    ]
