@@ -154,7 +154,7 @@ def _build_evaluator(config: Config, engine, reward_pool, tokenize: Tokenize, tr
         raise ValueError("train.eval_every needs data.eval_source (held-out problems)")
     eval_data = dataclasses.replace(config.data, source_options=config.data.eval_source_options)
     seen = {repr(prompt.prompt) for prompt in training_prompts}
-    candidates = load_prompt_source(config.data.eval_source, eval_data).prompts
+    candidates = load_prompt_source(config.data.eval_source, eval_data, key="data.eval_source").prompts
     prompts = [prompt for prompt in candidates if repr(prompt.prompt) not in seen]
     if not prompts:
         raise ValueError(f"data.eval_source {config.data.eval_source!r}: every problem is also in the training data")

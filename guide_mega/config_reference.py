@@ -25,6 +25,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _default_text(value: object) -> str:
+    """A default as YAML would write it on one line; a string with a newline in double quotes, with the newline
+    escaped (plain YAML would fold it into a space, which is not the default)."""
+    if isinstance(value, str) and "\n" in value:
+        return yaml.safe_dump(value, default_style='"', width=1_000_000).strip()
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def describe_config(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key path, type, default, doc) for every leaf field, in declaration order, for docs and --help."""
     rows = []
@@ -37,8 +45,7 @@ def describe_config(cls: type = Config, prefix: str = "") -> list[tuple[str, str
             rows.extend(describe_config(hint, f"{key}."))
             continue
         type_text = str(hint).replace("typing.", "") if typing.get_origin(hint) else hint.__name__
-        default = yaml.safe_dump(getattr(defaults, item.name), default_flow_style=True).strip().removesuffix("...")
-        rows.append((key, type_text, default.strip(), docs.get(item.name, "")))
+        rows.append((key, type_text, _default_text(getattr(defaults, item.name)), docs.get(item.name, "")))
     return rows
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PREFIX = "embedded:"
 CACHE_DIR_ENV = "GUIDE_MEGA_CACHE_DIR"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+# 'org/name' (an HF hub id) when no such local path exists.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,27 @@ def ensure_embedded_model(name: str, *, cache_dir: str | Path | None = None) -> 
     return target
 
 
+def cached_hub_model(repo_id: str) -> Path:
+    """The local HF cache's snapshot of hub model `repo_id`; a ValueError when it is not there (nothing is
+    downloaded: the training nodes may have no network)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"model.path: {repo_id!r} is not a local directory and not in the local HF cache "
+            f"({constants.HF_HUB_CACHE}); guide-mega downloads nothing: fetch it first (`hf download {repo_id}`) or "
+            "give its directory"
+        ) from None
+
+
 def resolve_model_path(path: str, *, cache_dir: str | Path | None = None) -> Path:
-    """`model.path` as a local HF directory: 'embedded:<name>' is converted on first use, anything else is kept."""
+    """`model.path` as a local HF directory: 'embedded:<name>' is converted on first use, an 'org/name' hub id that
+    is no local path comes from the local HF cache, anything else is kept."""
     if path.startswith(EMBEDDED_PREFIX):
         return ensure_embedded_model(path.removeprefix(EMBEDDED_PREFIX), cache_dir=cache_dir)
+    if not Path(path).exists() and _HUB_ID.match(path):
+        return cached_hub_model(path)
     return Path(path)

@@ -54,6 +54,11 @@ def _paired(before: EvalResults, after: EvalResults):
     return [(before_by_id[i], after_by_id[i]) for i in sorted(before_by_id)]
 
 
+def largest_valid_k(*results: EvalResults) -> int:
+    """The largest k of pass@k that every problem of every results allows: their fewest samples."""
+    return min(problem.num_samples for result in results for problem in result.problems)
+
+
 def decompose_pass_at_1_change(
     before: EvalResults,
     after: EvalResults,

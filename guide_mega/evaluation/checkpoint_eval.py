@@ -1,5 +1,9 @@
 """`guide-mega eval`: evaluate a checkpoint on a problem source and write results JSON, a markdown table and plots;
-with hints 'both', also the hint lift (the same problems evaluated without and with their hints)."""
+with hints 'both', also the hint lift (the same problems evaluated without and with their hints).
+
+The checkpoint may be a trainer checkpoint as the run left it: its data, reward and sampling settings come from the
+run's own `config.yaml` unless --config is given, and a Megatron checkpoint without an `hf/` export is converted to
+HF first (into the output directory), with the run's base model supplying config and tokenizer."""
 
 from __future__ import annotations
 
@@ -10,29 +14,48 @@ from pathlib import Path
 
 import torch
 
-from guide_mega.config import Config
+from guide_mega.config import Config, DataConfig
+from guide_mega.convert import base_model_dir, find_run_config
 from guide_mega.evaluation.analysis import hint_lift
 from guide_mega.evaluation.passk import EvalResults, summary_markdown
 from guide_mega.evaluation.runner import EvalSettings, evaluate
 from guide_mega.rollout.engine import SamplingParams
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """An HF model directory for `checkpoint`: an HF directory, a training checkpoint with an `hf/` export
-    (checkpoint.export_hf=true), or `embedded:<name>`."""
-    if checkpoint.startswith("embedded:"):
-        from guide_mega.data import resolve_model_path
+def eval_config_path(checkpoint: str, config: str | None) -> str | Path | None:
+    """The config `eval` reads: --config when given, else the config.yaml of the checkpoint's run (if any)."""
+    return config if config is not None else find_run_config(checkpoint)
 
-        return Path(resolve_model_path(checkpoint))
-    path = Path(checkpoint)
+
+def resolve_checkpoint(checkpoint: str, output: Path) -> Path:
+    """An HF model directory for `checkpoint`: an HF directory, a training checkpoint with an `hf/` export, a
+    Megatron checkpoint (trainer or converted; written as HF to `output`/hf_model), `embedded:<name>` or a hub id in
+    the local HF cache."""
+    from guide_mega.data import resolve_model_path
+
+    path = resolve_model_path(checkpoint)
     for candidate in (path, path / "hf"):
         if (candidate / "config.json").is_file():
             return candidate
+    from guide_mega.training.checkpoint import METADATA_FILE  # the Megatron backend, only for its checkpoints
+    from guide_mega.training.checkpoint_conversion import megatron_to_hf
+
+    if (path / METADATA_FILE).is_file():
+        return megatron_to_hf(path, output / "hf_model", hf_config_dir=base_model_dir(path))
     raise ValueError(
-        f"--checkpoint {checkpoint}: no config.json there or in {path / 'hf'}; give an HF model directory, a "
-        "training checkpoint saved with checkpoint.export_hf=true, or convert a Megatron checkpoint with "
-        "`guide-mega convert`"
+        f"--checkpoint {checkpoint}: not an HF model directory (no config.json there or in {path / 'hf'}) and not a "
+        "Megatron checkpoint (no guide_mega.json)"
     )
+
+
+def _source_settings(config: Config, source: str) -> tuple[DataConfig, str]:
+    """The data settings to read `source` with (its own generator options) and the key errors should name."""
+    data = config.data
+    if source == data.eval_source:
+        return dataclasses.replace(data, source_options=data.eval_source_options), "data.eval_source"
+    if source == data.source:
+        return data, "data.source"
+    return dataclasses.replace(data, source_options={}), "--data"
 
 
 def _load_problems(config: Config, source: str, limit: int | None, held_out_from: Config | None) -> tuple[list, dict]:
@@ -40,7 +63,8 @@ def _load_problems(config: Config, source: str, limit: int | None, held_out_from
     `limit` of them; what was left out is counted in the returned dict."""
     from guide_mega.data import load_prompt_source
 
-    prompt_set = load_prompt_source(source, config.data)
+    data, key = _source_settings(config, source)
+    prompt_set = load_prompt_source(source, data, key=key)
     problems = prompt_set.prompts
     counts = {"malformed_rows": prompt_set.num_skipped_rows, "overlapping_training": 0, "beyond_limit": 0}
     if held_out_from is not None:
@@ -81,12 +105,14 @@ def evaluate_checkpoint(
     from guide_mega.data import render_prompt_ids
     from guide_mega.evaluation.plots import plot_pass_at_k
     from guide_mega.rewards import RewardPool
+    from guide_mega.rewards.verifiers import check_reward_name
     from guide_mega.rollout.hf_engine import HFEngine
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_checkpoint(checkpoint)
+    check_reward_name(config.reward.name)
     problems, counts = _load_problems(config, source, limit, held_out_from)
+    model_dir = resolve_checkpoint(checkpoint, output)
     engine = HFEngine.from_config(model_dir, config.rollout, device="cuda" if torch.cuda.is_available() else "cpu")
     settings = EvalSettings(
         num_samples=num_samples,

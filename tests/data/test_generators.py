@@ -97,5 +97,5 @@ def test_champ_problems_with_their_hints():
 
 
 def test_source_options_must_match_the_source():
-    with pytest.raises(ValueError, match="a prompt file takes no options"):
+    with pytest.raises(ValueError, match="is a prompt file, which takes no generator options"):
         load_prompt_source("train.jsonl", DataConfig(source_options={"size": 3}))
