@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from guide_mega.data.rows import RowError, prompt_from_guide_rl_row, prompt_from_native_row
+from guide_mega.data.rows import RowError, WrittenFloat, prompt_from_guide_rl_row, prompt_from_native_row
 from guide_mega.types import Prompt
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,51 @@ def _truncation_note(raw: bytes) -> str:
     return "" if raw.endswith(b"\n") else "; the file ends mid-line (truncated?)"
 
 
+class _JsonRefusal(ValueError):
+    """JSON that Python's parser would take but a prompt file must not hold."""
+
+
+def _refuse_constant(text: str) -> float:
+    raise _JsonRefusal(f"{text} is not a finite number")
+
+
+def _written_float(text: str) -> WrittenFloat:
+    number = WrittenFloat(text)
+    if not math.isfinite(number):
+        raise _JsonRefusal(f"{text} is not a finite number")
+    return number
+
+
+def _written_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # past Python's int-string limit
+        limit = sys.get_int_max_str_digits()
+        raise _JsonRefusal(f"an integer of more than {limit} digits; write it as a string") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _JsonRefusal(f"key {key!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _parse_json_row(line: str) -> Any:
+    """One JSON value, refusing what `json.loads` accepts silently: NaN and infinities, a key given twice (the last
+    would win), an integer too long to convert; numbers keep their written text (`WrittenFloat`). Raises
+    json.JSONDecodeError for invalid JSON and ValueError (the problem, without a location) for the rest."""
+    return json.loads(
+        line,
+        object_pairs_hook=_unique_keys,
+        parse_constant=_refuse_constant,
+        parse_float=_written_float,
+        parse_int=_written_int,
+    )
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     # Bytes, decoded line by line: an encoding error (e.g. a multi-byte character cut in two) names its line too.
     with path.open("rb") as stream:
@@ -51,10 +98,39 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                row = _parse_json_row(line)
             except json.JSONDecodeError as exc:
-                message = f"{where}: invalid JSON: {exc.msg} (column {exc.colno}){_truncation_note(raw)}"
-                yield where, RowError(message)
+                row = RowError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno}){_truncation_note(raw)}")
+            except _JsonRefusal as exc:
+                row = RowError(f"{where}: {exc}")
+            yield where, row
+
+
+def _struct_null(value: Any, field: str) -> str | None:
+    """The path of the first null inside the struct values (dicts) under `value`, or None."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if item is None:
+                return f"{field}.{name}"
+            if found := _struct_null(item, f"{field}.{name}"):
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if found := _struct_null(item, f"{field}[{index}]"):
+                return found
+    return None
+
+
+def _parquet_row(row: dict[str, Any], where: str) -> dict[str, Any] | RowError:
+    # A struct column has the union of every row's keys: pyarrow gives a row that lacked one a null, which cannot be
+    # told from a null that was written, so a null inside a struct is refused rather than invented into metadata.
+    for name, value in row.items():
+        if field := _struct_null(value, name):
+            return RowError(
+                f"{where}: field {field!r}: null in a Parquet struct column (a key some other row has, or a "
+                "written null: they cannot be told apart); give every row the same keys, without nulls"
+            )
+    return row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -66,7 +142,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for batch in pyarrow.parquet.ParquetFile(path).iter_batches():
             for row in batch.to_pylist():
                 row_number += 1
-                yield f"{path} row {row_number}", row
+                yield f"{path} row {row_number}", _parquet_row(row, f"{path} row {row_number}")
     except pyarrow.ArrowException as exc:
         raise ValueError(f"{path}: unreadable Parquet after row {row_number} (truncated or corrupt?): {exc}") from None
 
@@ -113,4 +189,8 @@ def load_prompt_file(path: str | Path, *, schema: Schema = "native", on_error: O
             raise RowError(f"{where}: field 'id': duplicate id {prompt.id!r} (first at {seen_ids[prompt.id]})")
         seen_ids[prompt.id] = where
         prompt_set.prompts.append(prompt)
+    if not prompt_set.prompts:
+        skipped = prompt_set.num_skipped_rows
+        detail = f"all {skipped} rows were skipped; first: {prompt_set.skipped_row_errors[0]}" if skipped else ""
+        raise ValueError(f"{path}: no prompts ({detail or 'the file holds no rows'})")
     return prompt_set

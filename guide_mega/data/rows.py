@@ -14,6 +14,7 @@ samples under. `reward_model.ground_truth` is the answer, `data_source` the sour
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,33 @@ class RowError(ValueError):
 
 def _fail(where: str, field: str, problem: str) -> RowError:
     return RowError(f"{where}: field {field!r}: {problem}")
+
+
+class WrittenFloat(float):
+    """A number read from JSON that remembers how it was written, so that an answer `1.50` stays "1.50"."""
+
+    def __new__(cls, text: str) -> WrittenFloat:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+# Lists of the code reward's `metadata["tests"]` (rewards/code.py reads them); a string there would be read one
+# character per test.
+_CODE_TEST_LISTS = ("inputs", "outputs", "asserts")
+
+
+def _check_code_tests(metadata: Mapping[str, Any], *, where: str) -> None:
+    tests = metadata.get("tests")
+    if tests is None:
+        return
+    if not isinstance(tests, Mapping):
+        problem = f"expected an object of {_CODE_TEST_LISTS} lists, got {type(tests).__name__}"
+        raise _fail(where, "metadata.tests", problem)
+    for name in _CODE_TEST_LISTS:
+        value = tests.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise _fail(where, f"metadata.tests.{name}", f"expected a list of strings, got {type(value).__name__}")
 
 
 def _chat_messages(value: Any, *, where: str, field: str) -> list[ChatMessage]:
@@ -56,8 +84,10 @@ def _prompt_content(value: Any, *, where: str, field: str) -> PromptContent:
 def _answer(value: Any, *, where: str, field: str) -> str | list[str]:
     if isinstance(value, bool) or value is None:
         raise _fail(where, field, f"expected a string, a number or a list of strings, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(where, field, f"expected a finite number, got {value!r}")
     if isinstance(value, int | float):
-        return str(value)
+        return value.text if isinstance(value, WrittenFloat) else str(value)
     if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, list) and value and all(isinstance(item, str) and item.strip() for item in value):
@@ -84,9 +114,11 @@ def prompt_from_native_row(row: Any, *, where: str, default_id: str, default_sou
     for required in ("prompt", "answer"):
         if required not in row:
             raise _fail(where, required, "missing")
-    metadata = row.get("metadata") or {}
+    metadata = row.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, Mapping):
         raise _fail(where, "metadata", f"expected an object, got {type(metadata).__name__}")
+    _check_code_tests(metadata, where=where)
     row_id = row.get("id")
     if row_id is not None and not isinstance(row_id, str | int):
         raise _fail(where, "id", f"expected a string or an integer, got {row_id!r}")

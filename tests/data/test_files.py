@@ -1,6 +1,7 @@
 """JSONL and Parquet prompt files: both schemas, malformed rows raised or skipped and counted."""
 
 import json
+import re
 
 import pyarrow
 import pyarrow.parquet
@@ -108,4 +109,54 @@ def test_a_truncated_parquet_file_names_the_file(tmp_path):
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist([json.loads(GOOD)] * 50), path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"{path}: unreadable Parquet after row 0 \(truncated or corrupt\?\)"):
+        load_prompt_file(path)
+
+
+def test_an_empty_file_names_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(ValueError, match=rf"^{path}: no prompts \(the file holds no rows\)$"):
+        load_prompt_file(path)
+    all_bad = write_jsonl(tmp_path / "bad.jsonl", [NO_ANSWER])
+    with pytest.raises(ValueError, match=rf"^{all_bad}: no prompts \(all 1 rows were skipped; first: .*:1: field"):
+        load_prompt_file(all_bad, on_error="skip")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "q", "answer": NaN}', "NaN is not a finite number"),
+        ('{"prompt": "q", "answer": -Infinity}', "-Infinity is not a finite number"),
+        ('{"prompt": "q", "answer": 1e999}', "1e999 is not a finite number"),
+        ('{"prompt": "q", "answer": "1", "metadata": {"w": NaN}}', "NaN is not a finite number"),
+        ('{"prompt": "q", "answer": "1", "id": "a", "id": "b"}', "key 'id' appears twice in one object"),
+        ('{"prompt": "q", "answer": "1", "metadata": {"k": 1, "k": 2}}', "key 'k' appears twice in one object"),
+        ('{"prompt": "q", "answer": ' + "9" * 5000 + "}", "an integer of more than 4300 digits; write it as a string"),
+    ],
+    ids=["nan", "infinity", "overflow", "nested_nan", "duplicate_key", "nested_duplicate", "huge_int"],
+)
+def test_json_that_python_would_accept_silently_is_an_error(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "train.jsonl", [GOOD, line])
+    with pytest.raises(RowError, match=rf"^{path}:2: {re.escape(message)}"):
+        load_prompt_file(path)
+
+
+def test_numeric_answers_keep_their_written_text(tmp_path):
+    lines = [
+        json.dumps({"prompt": "a", "answer": "x", "id": "0"}).replace('"x"', "1.50"),
+        json.dumps({"prompt": "b", "answer": "x", "id": "1"}).replace('"x"', "1e3"),
+        json.dumps({"prompt": "c", "answer": 12, "id": "2", "metadata": {"weight": 0.5, "n": 3}}),
+    ]
+    prompts = load_prompt_file(write_jsonl(tmp_path / "train.jsonl", lines)).prompts
+    assert [prompt.answer for prompt in prompts] == ["1.50", "1e3", "12"]
+    assert (
+        prompts[2].metadata == {"weight": 0.5, "n": 3} and json.dumps(prompts[2].metadata) == '{"weight": 0.5, "n": 3}'
+    )
+
+
+def test_parquet_struct_columns_that_invent_keys_are_an_error(tmp_path):
+    path = tmp_path / "structs.parquet"
+    # pyarrow gives every row every key of the column: row 1 gets "b": None, row 2 "a": None.
+    rows = [{"prompt": "q", "answer": "1", "metadata": {"a": 1}}, {"prompt": "r", "answer": "2", "metadata": {"b": 2}}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    with pytest.raises(RowError, match=rf"^{path} row 1: field 'metadata.b': null in a Parquet struct column"):
         load_prompt_file(path)

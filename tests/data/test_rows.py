@@ -96,3 +96,35 @@ def test_guide_rl_row_without_hint_and_with_answer_list():
 def test_guide_rl_errors_name_field(overrides, field):
     with pytest.raises(RowError, match=rf"train\.jsonl:7: field '{re.escape(field)}'"):
         prompt_from_guide_rl_row(guide_rl_row(**overrides), where=WHERE, default_id="x")
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "problem"),
+    [
+        ({"prompt": "q", "answer": "1", "metadata": []}, "metadata", "expected an object, got list"),
+        ({"prompt": "q", "answer": "1", "metadata": 0}, "metadata", "expected an object, got int"),
+        ({"prompt": "q", "answer": "1", "metadata": ""}, "metadata", "expected an object, got str"),
+        ({"prompt": "q", "answer": float("nan")}, "answer", "expected a finite number, got nan"),
+        ({"prompt": "q", "answer": float("inf")}, "answer", "expected a finite number, got inf"),
+        ({"prompt": "q", "answer": "1", "metadata": {"tests": "assert f(1) == 2"}}, "metadata.tests", "an object"),
+        (
+            {"prompt": "q", "answer": "1", "metadata": {"tests": {"inputs": "1 2\n", "outputs": "3\n"}}},
+            "metadata.tests.inputs",
+            "expected a list of strings, got str",
+        ),
+        (
+            {"prompt": "q", "answer": "1", "metadata": {"tests": {"asserts": "assert f(1) == 2"}}},
+            "metadata.tests.asserts",
+            "expected a list of strings, got str",
+        ),
+    ],
+    ids=["list_metadata", "zero_metadata", "empty_string_metadata", "nan", "inf", "tests", "inputs", "asserts"],
+)
+def test_values_that_used_to_pass_silently_are_errors(row, field, problem):
+    with pytest.raises(RowError, match=rf"^train\.jsonl:7: field '{re.escape(field)}': .*{re.escape(problem)}"):
+        native(row)
+
+
+def test_code_tests_given_as_lists_load():
+    tests = {"inputs": ["1 2\n"], "outputs": ["3\n"], "asserts": ["assert f(1) == 2"]}
+    assert native({"prompt": "q", "answer": "1", "metadata": {"tests": tests}}).metadata == {"tests": tests}
