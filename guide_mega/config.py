@@ -106,6 +106,21 @@ class RolloutConfig:
 
 
 @dataclass(kw_only=True)
+class HintLevelsConfig:
+    adaptive: bool = False
+    """Graded hints (a prompt whose hint is a list, weakest first): each problem's hinted wave starts at its own
+    level, which rises when the hinted samples fail and falls when they succeed too often or the problem is solved
+    without a hint (loader state, checkpointed). False: always the strongest hint."""
+    max_extra_waves: int = ranged(1, ge=0)
+    """adaptive: within a step, at most this many further hinted waves, each at the next stronger level, for the
+    problems whose hinted wave solved nothing (their tokens count in the step's generated tokens)."""
+    target_success: float = ranged(0.5, gt=0.0, lt=1.0)
+    """adaptive: the success rate of hinted samples a problem's level aims at."""
+    tolerance: float = ranged(0.25, ge=0.0, lt=0.5)
+    """adaptive: the level rises below target_success - tolerance and falls above target_success + tolerance."""
+
+
+@dataclass(kw_only=True)
 class GuideConfig:
     enabled: bool = False
     """Resample unsolved prompts with their hint in context (Guide)."""
@@ -135,6 +150,14 @@ class GuideConfig:
     drop_equal_rewards: bool = True
     """Merge a guided group only if the merged group's rewards differ (replace: the guided group alone, as the
     authors do; pool: the failed and guided samples together); otherwise the failed group stays as it was."""
+    levels: HintLevelsConfig = field(default_factory=HintLevelsConfig)
+    """Graded hints: which level of a problem's hint list its hinted wave uses, and how that level adapts."""
+    hint_source: Literal["data", "self"] = "data"
+    """data: the dataset's hints only. self: an unsolved problem without a hint gets hints the rollout engine writes
+    from the problem and its reference solution (metadata 'solution', else the answer), one per level, leak-checked
+    and kept for the run (docs/algorithms.md)."""
+    self_hint_max_tokens: int = ranged(64, ge=1)
+    """hint_source=self: the longest hint the engine may write, in tokens."""
 
 
 @dataclass(kw_only=True)

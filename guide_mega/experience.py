@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
-from guide_mega.algorithms.guide import HintPlan, escalation_plan, level_metrics, plan_hints
+from guide_mega.algorithms.guide import HintPlan, escalation_plan, level_metrics, plan_hints, with_hint_level
+from guide_mega.data.hints import SELF_HINT_STRENGTHS, accept_self_hint, self_hint_request
 from guide_mega.metrics import Metrics
 from guide_mega.rewards import RewardPool
 from guide_mega.rollout.engine import RolloutEngine, SamplingParams, request_seed
@@ -112,13 +114,14 @@ def hinted_wave(
     wave: str = "guided",
 ) -> tuple[list[RolloutGroup], Metrics]:
     """One hinted wave: G samples of each planned group's prompt with its hint in context (`plan.prompts`),
-    recorded to train under the hint-free prompt. Returns the guided groups in plan order and the sampling metrics."""
+    recorded to train under the hint-free prompt. Returns the guided groups in plan order, each with its prompt as
+    sampled (the hint of its level: what samples.jsonl shows), and the sampling metrics."""
     if not plan.group_indices:
         return [], Metrics()
     chosen = [groups[index] for index in plan.group_indices]
     return sample_groups(
         engine,
-        [group.prompt for group in chosen],
+        [with_hint_level(group.prompt, level) for group, level in zip(chosen, plan.levels, strict=True)],
         [tokenize(content) for content in plan.prompts],
         [group.rollouts[0].train_prompt_ids for group in chosen],
         sampling=sampling,
@@ -149,7 +152,10 @@ def guided_waves(
     metrics (sampling and scores under 'guided/', per-level counts, guide/num_escalated_groups).
     """
     first = plan_hints(groups, unsolved, template=template, levels=levels)
-    plan, last, metrics = first, {}, Metrics()
+    plan, metrics = first, Metrics()
+    guided: dict[int, RolloutGroup] = {}
+    prompts: dict[int, PromptContent] = {}
+    levels_used: dict[int, int] = {}
     for extra in range(max_extra_waves + 1):
         if not plan.group_indices:
             break
@@ -160,16 +166,69 @@ def guided_waves(
         waves, scored = score_groups(waves, reward_pool, prefix="guided")
         escalated = Metrics(counts={"guide/num_escalated_groups": len(waves) if extra else 0})
         metrics += sampled + scored + level_metrics(plan, waves) + escalated
-        last |= {index: (wave, prompt, level) for index, wave, prompt, level in zip(
-            plan.group_indices, waves, plan.prompts, plan.levels, strict=True)}  # fmt: skip
+        guided.update(zip(plan.group_indices, waves, strict=True))
+        prompts.update(zip(plan.group_indices, plan.prompts, strict=True))
+        levels_used.update(zip(plan.group_indices, plan.levels, strict=True))
         plan = escalation_plan(groups, plan, waves, template=template)
+    indices = first.group_indices
     final = HintPlan(
-        group_indices=first.group_indices,
-        prompts=[last[index][1] for index in first.group_indices],
+        group_indices=indices,
+        prompts=[prompts[index] for index in indices],
         without_hint=first.without_hint,
-        levels=[last[index][2] for index in first.group_indices],
+        levels=[levels_used[index] for index in indices],
     )
-    return final, {index: last[index][0] for index in first.group_indices}, metrics
+    return final, {index: guided[index] for index in indices}, metrics
+
+
+def self_written_hints(
+    engine: RolloutEngine,
+    tokenize: Tokenize,
+    groups: list[RolloutGroup],
+    unsolved: list[int],
+    cache: Mapping[tuple[str, int], str | None],
+    *,
+    sampling: SamplingParams,
+    max_new_tokens: int,
+) -> tuple[list[RolloutGroup], dict[tuple[str, int], str | None], Metrics]:
+    """Hints the policy writes itself (algorithm.guide.hint_source = self) for the unsolved groups whose prompt has
+    no hint: one request (`self_hint_request`) per level of SELF_HINT_STRENGTHS not yet in `cache` ((prompt id,
+    level) -> hint, None when it was rejected), each written hint leak-checked (`accept_self_hint`).
+
+    Returns the groups with the accepted hints in their prompts as graded hints, weakest first (a problem whose
+    hints were all rejected stays without a hint, counted in guide/num_unsolved_without_hint), the new cache
+    entries, and metrics under 'self_hint/': written, leaks (and empty hints) rejected, cache hits, generated
+    tokens (part of the step's budget); and the time taken, in time/rollout_s.
+    """
+    start = time.perf_counter()
+    indices = [index for index in unsolved if not groups[index].prompt.has_hint]
+    wanted = [(index, level) for index in indices for level in range(len(SELF_HINT_STRENGTHS))]
+    todo = [(index, level) for index, level in wanted if (groups[index].prompt.id, level) not in cache]
+    seeds = None
+    if sampling.seed is not None:
+        seeds = [request_seed(sampling.seed, groups[index].prompt.id, "self_hint", level) for index, level in todo]
+    requests = [tokenize(self_hint_request(groups[index].prompt, level=level)) for index, level in todo]
+    completions = []
+    if requests:
+        completions = engine.generate(requests, replace(sampling, max_new_tokens=max_new_tokens), seeds=seeds)
+    written = {
+        (groups[index].prompt.id, level): accept_self_hint(completion.text, prompt=groups[index].prompt)
+        for (index, level), completion in zip(todo, completions, strict=True)
+    }
+    known = {**cache, **written}
+    hinted = list(groups)
+    for index in indices:
+        prompt = groups[index].prompt
+        levels = [known[prompt.id, level] for level in range(len(SELF_HINT_STRENGTHS))]
+        if any(levels):
+            hint = [text for text in levels if text is not None]
+            hinted[index] = replace(groups[index], prompt=replace(prompt, hint=hint))
+    return hinted, written, Metrics(counts={
+        "self_hint/num_written": sum(text is not None for text in written.values()),
+        "self_hint/leaks_rejected": sum(text is None for text in written.values()),
+        "self_hint/cache_hits": len(wanted) - len(todo),
+        "self_hint/generated_tokens": sum(len(completion.response_ids) for completion in completions),
+        "time/rollout_s": time.perf_counter() - start,
+    })  # fmt: skip
 
 
 def score_groups(

@@ -23,10 +23,16 @@ import torch
 import torch.distributed as dist
 
 from guide_mega.algorithms.filtering import keep_groups_with_variance
-from guide_mega.algorithms.guide import find_unsolved_groups, guide_metrics, merge_guided_groups
+from guide_mega.algorithms.guide import (
+    find_unsolved_groups,
+    guide_metrics,
+    hint_level_updates,
+    merge_guided_groups,
+    trainable_group_yield,
+)
 from guide_mega.config import AlgorithmConfig, Config
 from guide_mega.data.batch import build_train_batch, sequence_advantages
-from guide_mega.experience import Tokenize, first_wave, hinted_wave, score_groups
+from guide_mega.experience import Tokenize, first_wave, guided_waves, score_groups, self_written_hints
 from guide_mega.metrics import Metrics
 from guide_mega.rollout.engine import (
     CHECKED_WEIGHTS,
@@ -182,16 +188,29 @@ class Trainer:
                 if guide.enabled:
                     unsolved = find_unsolved_groups(wave, threshold=guide.threshold)
                     self.run_log.phase("guide wave")
-                    plan, guided, sampled = hinted_wave(
-                        engine, tokenize, wave, unsolved, template=guide.hint_template, **waves
-                    )
-                    guided, scored = score_groups(guided, pool, prefix="guided")
-                    sampled_groups += guided
-                    guided = dict(zip(plan.group_indices, guided, strict=True))
+                    if guide.hint_source == "self":  # the policy writes the hints the data lacks
+                        wave, written, wrote = self_written_hints(
+                            engine, tokenize, wave, unsolved, self.rollout.loader.self_hints,
+                            sampling=waves["sampling"], max_new_tokens=guide.self_hint_max_tokens,
+                        )  # fmt: skip
+                        self.rollout.loader.update_self_hints(written)
+                        metrics += wrote
+                    levels = dict(self.rollout.loader.hint_levels) if guide.levels.adaptive else None
+                    plan, guided, sampled = guided_waves(
+                        engine, tokenize, pool, wave, unsolved, template=guide.hint_template, levels=levels,
+                        max_extra_waves=guide.levels.max_extra_waves, **waves,
+                    )  # fmt: skip
+                    sampled_groups += guided.values()
                     merged, dropped = merge_guided_groups(
                         wave, guided, mode=guide.merge, drop_equal_rewards=guide.drop_equal_rewards
                     )
-                    metrics += sampled + scored + guide_metrics(wave, unsolved, plan, guided, dropped)
+                    metrics += sampled + guide_metrics(wave, unsolved, plan, guided, dropped)
+                    if levels is not None:  # graded hints: each problem's next start level
+                        updates = hint_level_updates(
+                            wave, unsolved, plan, guided, levels=levels, target=guide.levels.target_success,
+                            tolerance=guide.levels.tolerance,
+                        )  # fmt: skip
+                        self.rollout.loader.update_hint_levels(updates)
                     wave = merged
                 if algorithm.filter_groups:
                     wave, filtered = keep_groups_with_variance(wave)
@@ -261,7 +280,7 @@ class Trainer:
                 "sampling rounds (algorithm.max_filter_rounds); training on those"
             )
         values = metrics.as_dict()
-        generated = values.get("rollout/generated_tokens", 0.0) + values.get("guided/generated_tokens", 0.0)
+        generated = sum(values.get(f"{wave}/generated_tokens", 0.0) for wave in ("rollout", "guided", "self_hint"))
         values |= {
             # An engine front over several engines (the fleet, a client of several servers) says how many.
             "rollout/num_engines": float(getattr(self.rollout.engine, "num_engines", 1)),
@@ -269,6 +288,7 @@ class Trainer:
             "filter/partial_batch": float(len(groups) < wanted),
             "train/num_groups": float(len(groups)),
             "perf/rollout_tokens_per_s": generated / max(values.get("time/rollout_s", 0.0), 1e-9),
+            **trainable_group_yield(groups, generated_tokens=generated),
             **self.rollout.loader.metrics,
             **self.rollout.reward_pool.metrics,
         }

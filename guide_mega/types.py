@@ -25,10 +25,14 @@ class Prompt:
     """The hint-free problem: plain text, or chat messages [{role, content}, ...]."""
     answer: str | list[str]
     """Ground truth for the verifier (several strings mean any of them is accepted)."""
-    hint: str | None = None
-    """Natural-language guidance inserted into the prompt by the hint template (never the answer)."""
+    hint: str | list[str] | None = None
+    """Natural-language guidance inserted into the prompt by the hint template (never the answer); a list is graded
+    hints, weakest first (`num_hint_levels`)."""
     hinted_prompt: PromptContent | None = None
     """A complete hinted prompt given by the data (the authors' schema); takes precedence over `hint`."""
+    hint_template: str | None = None
+    """This prompt's own hint template (fields {prompt} and {hint}), for a generator that puts the hint inside its
+    prompt; None: algorithm.guide.hint_template."""
     source: str = ""
     """Dataset or generator name, for per-source metrics."""
     metadata: dict = field(default_factory=dict)
@@ -36,7 +40,16 @@ class Prompt:
 
     @property
     def has_hint(self) -> bool:
-        return self.hint is not None or self.hinted_prompt is not None
+        return self.num_hint_levels > 0
+
+    @property
+    def num_hint_levels(self) -> int:
+        """Graded hints available: 1 for a complete `hinted_prompt` (which wins) or a single hint; a list's length."""
+        if self.hinted_prompt is not None:
+            return 1
+        if isinstance(self.hint, list):
+            return len(self.hint)
+        return int(self.hint is not None)
 
 
 @dataclass(kw_only=True)

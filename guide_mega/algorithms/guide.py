@@ -8,7 +8,8 @@ S sequences.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -36,47 +37,94 @@ def find_unsolved_groups(groups: list[RolloutGroup], *, threshold: float = 0.0) 
     return [index for index, group in enumerate(groups) if mask_G[index] and not group.is_guided]
 
 
-def hinted_prompt(prompt: Prompt, *, template: str = DEFAULT_HINT_TEMPLATE) -> PromptContent:
-    """The prompt with its hint in context.
+def hinted_prompt(prompt: Prompt, *, template: str = DEFAULT_HINT_TEMPLATE, level: int | None = None) -> PromptContent:
+    """The prompt with its hint at `level` (an index into its graded hints, weakest first; None: the strongest).
 
-    A complete `hinted_prompt` from the data wins. Otherwise `template` (with `{prompt}` and `{hint}` fields) is
-    applied to the text, or to the content of the last user message of a chat prompt.
+    A complete `hinted_prompt` from the data wins. Otherwise the prompt's own template, else `template` (with
+    `{prompt}` and `{hint}` fields), is applied to the text, or to the content of the last user message of a chat
+    prompt.
     """
     if prompt.hinted_prompt is not None:
         return prompt.hinted_prompt
-    if prompt.hint is None:
+    if not prompt.has_hint:
         raise ValueError(f"prompt {prompt.id!r} has no hint")
+    hints = prompt.hint if isinstance(prompt.hint, list) else [prompt.hint]
+    if level is not None and not 0 <= level < len(hints):
+        raise ValueError(f"prompt {prompt.id!r} has {len(hints)} hint levels, asked for level {level}")
+    hint = hints[-1 if level is None else level]
+    template = prompt.hint_template or template
     if isinstance(prompt.prompt, str):
-        return template.format(prompt=prompt.prompt, hint=prompt.hint)
+        return template.format(prompt=prompt.prompt, hint=hint)
     messages = copy.deepcopy(prompt.prompt)
     user_turns = [index for index, message in enumerate(messages) if message.get("role") == "user"]
     if not user_turns:
         raise ValueError(f"prompt {prompt.id!r} has no user message to put the hint in")
     last = messages[user_turns[-1]]
-    last["content"] = template.format(prompt=last["content"], hint=prompt.hint)
+    last["content"] = template.format(prompt=last["content"], hint=hint)
     return messages
+
+
+def with_hint_level(prompt: Prompt, level: int) -> Prompt:
+    """The prompt as sampled at hint `level`: its hint narrowed to that level's text (a single hint or a complete
+    hinted prompt is level 0 and stays as it is)."""
+    if not isinstance(prompt.hint, list) or prompt.hinted_prompt is not None:
+        return prompt
+    return replace(prompt, hint=prompt.hint[level])
 
 
 @dataclass(frozen=True)
 class HintPlan:
-    """Which unsolved groups get a second, guided wave, and which cannot (no hint available)."""
+    """Which unsolved groups get a guided wave, at which hint level, and which cannot (no hint available)."""
 
     group_indices: list[int]
     prompts: list[PromptContent]
     without_hint: list[int]
+    levels: list[int] = field(default_factory=list)
+    """The hint level of each planned group (index into its prompt's graded hints, weakest first)."""
 
 
-def plan_hints(groups: list[RolloutGroup], unsolved: list[int], *, template: str = DEFAULT_HINT_TEMPLATE) -> HintPlan:
-    """Hinted prompts for every unsolved group whose prompt has a hint (no world-size rounding, nothing dropped)."""
-    indices, prompts, without_hint = [], [], []
+def start_level(prompt: Prompt, levels: Mapping[str, int] | None) -> int:
+    """The level a prompt's hinted wave starts at: its entry in `levels` (prompt id -> level, 0 when absent) kept
+    below its number of hints; with no `levels` (fixed hints) the strongest."""
+    strongest = prompt.num_hint_levels - 1
+    return strongest if levels is None else min(levels.get(prompt.id, 0), strongest)
+
+
+def plan_hints(
+    groups: list[RolloutGroup],
+    unsolved: list[int],
+    *,
+    template: str = DEFAULT_HINT_TEMPLATE,
+    levels: Mapping[str, int] | None = None,
+) -> HintPlan:
+    """Hinted prompts for every unsolved group whose prompt has a hint (no world-size rounding, nothing dropped), at
+    each prompt's `start_level`."""
+    indices, prompts, chosen, without_hint = [], [], [], []
     for index in unsolved:
         prompt = groups[index].prompt
         if prompt.has_hint:
+            level = start_level(prompt, levels)
             indices.append(index)
-            prompts.append(hinted_prompt(prompt, template=template))
+            prompts.append(hinted_prompt(prompt, template=template, level=level))
+            chosen.append(level)
         else:
             without_hint.append(index)
-    return HintPlan(group_indices=indices, prompts=prompts, without_hint=without_hint)
+    return HintPlan(group_indices=indices, prompts=prompts, without_hint=without_hint, levels=chosen)
+
+
+def escalation_plan(
+    groups: list[RolloutGroup], plan: HintPlan, guided: list[RolloutGroup], *, template: str = DEFAULT_HINT_TEMPLATE
+) -> HintPlan:
+    """The next, stronger hinted wave: the planned groups whose guided wave (`guided`, in plan order) solved
+    nothing and whose prompt has a stronger hint, each one level up."""
+    indices, prompts, chosen = [], [], []
+    for index, level, wave in zip(plan.group_indices, plan.levels, guided, strict=True):
+        prompt = groups[index].prompt
+        if wave.success_rate == 0.0 and level + 1 < prompt.num_hint_levels:
+            indices.append(index)
+            prompts.append(hinted_prompt(prompt, template=template, level=level + 1))
+            chosen.append(level + 1)
+    return HintPlan(group_indices=indices, prompts=prompts, without_hint=[], levels=chosen)
 
 
 def _train_under_hint_free_prompt(guided: RolloutGroup, unguided: RolloutGroup) -> RolloutGroup:
@@ -125,6 +173,68 @@ def merge_guided_groups(
             continue
         merged[index] = candidate
     return merged, dropped
+
+
+def next_hint_level(
+    level: int, *, num_levels: int, guided_success: float | None, target: float, tolerance: float
+) -> int:
+    """A problem's next start level from its hinted wave's success rate at `level` (None: solved without a hint,
+    so the hint steps down): up below target - tolerance, down above target + tolerance, within [0, num_levels)."""
+    if guided_success is None or guided_success > target + tolerance:
+        return max(level - 1, 0)
+    if guided_success < target - tolerance:
+        return min(level + 1, num_levels - 1)
+    return level
+
+
+def hint_level_updates(
+    groups: list[RolloutGroup],
+    unsolved: list[int],
+    plan: HintPlan,
+    guided: Mapping[int, RolloutGroup],
+    *,
+    levels: Mapping[str, int],
+    target: float,
+    tolerance: float,
+) -> dict[str, int]:
+    """The start levels (prompt id -> level) that change after this step: a problem solved without a hint steps
+    down, a hinted one moves by `next_hint_level` from the level of its last hinted wave (`plan`, `guided`)."""
+    unsolved_set, updates = set(unsolved), {}
+    for index, group in enumerate(groups):
+        prompt = group.prompt
+        if index not in unsolved_set and prompt.has_hint:
+            level = start_level(prompt, levels)
+            updates[prompt.id] = next_hint_level(
+                level, num_levels=prompt.num_hint_levels, guided_success=None, target=target, tolerance=tolerance
+            )
+    for index, level in zip(plan.group_indices, plan.levels, strict=True):
+        prompt = groups[index].prompt
+        updates[prompt.id] = next_hint_level(
+            level,
+            num_levels=prompt.num_hint_levels,
+            guided_success=guided[index].success_rate,
+            target=target,
+            tolerance=tolerance,
+        )
+    return {prompt_id: level for prompt_id, level in updates.items() if level != levels.get(prompt_id, 0)}
+
+
+def level_metrics(plan: HintPlan, guided: list[RolloutGroup]) -> Metrics:
+    """Per hint level of one hinted wave (`guided` in plan order): groups sampled at it (the level histogram) and
+    the success rate of its samples."""
+    metrics = Metrics()
+    for level, group in zip(plan.levels, guided, strict=True):
+        metrics += Metrics(
+            counts={f"guide/level{level}_groups": 1},
+            means={f"guide/level{level}_success_rate": (group.success_rate, len(group.rollouts))},
+        )
+    return metrics
+
+
+def trainable_group_yield(groups: list[RolloutGroup], *, generated_tokens: float) -> dict[str, float]:
+    """Groups with reward variance (those that train) per 1,000 generated tokens: the yield Guide pays for."""
+    trainable = sum(has_reward_variance(group) for group in groups)
+    return {"guide/trainable_groups_per_1k_tokens": 1000.0 * trainable / max(generated_tokens, 1.0)}
 
 
 def hint_reliance(

@@ -2,14 +2,18 @@
 
 A prompt longer than `max_prompt_tokens` (after the chat template) is not trained on, but it is counted, logged once
 with its id and reported in `metrics`, never dropped silently. A prompt whose *hinted* version is too long keeps
-training unguided: its hint is removed for this run and counted.
+training unguided: its hint is removed for this run and counted; of graded hints only the levels too long go.
+
+The loader also keeps each problem's hint level (graded hints, algorithm.guide.levels) and the hints the policy
+wrote itself (algorithm.guide.hint_source = self), both part of its resumable state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -53,6 +57,9 @@ class PromptLoader:
         self._admitted: dict[int, Prompt | None] = {}
         self._overlong_ids: set[str] = set()
         self._hint_removed_ids: set[str] = set()
+        self._levels_removed_ids: set[str] = set()
+        self._hint_levels: dict[str, int] = {}
+        self._self_hints: dict[tuple[str, int], str | None] = {}
 
     @classmethod
     def from_config(
@@ -96,10 +103,19 @@ class PromptLoader:
             logger.warning("prompt %s is longer than %d tokens; not trained on", prompt.id, limit)
             self._overlong_ids.add(prompt.id)
             return None
-        if prompt.has_hint and not self._fits(hinted_prompt(prompt, template=self._hint_template)):
+        fitting = [
+            level
+            for level in range(prompt.num_hint_levels)
+            if self._fits(hinted_prompt(prompt, template=self._hint_template, level=level))
+        ]
+        if prompt.has_hint and not fitting:
             logger.warning("hinted prompt %s is longer than %d tokens; trained without its hint", prompt.id, limit)
             self._hint_removed_ids.add(prompt.id)
             return dataclasses.replace(prompt, hint=None, hinted_prompt=None)
+        if len(fitting) < prompt.num_hint_levels:
+            logger.warning("prompt %s: hint levels other than %s are longer than %d tokens", prompt.id, fitting, limit)
+            self._levels_removed_ids.add(prompt.id)
+            return dataclasses.replace(prompt, hint=[prompt.hint[level] for level in fitting])
         return prompt
 
     def _advance(self) -> int:
@@ -125,10 +141,39 @@ class PromptLoader:
             batch.append(prompt)
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self._epoch, "position": self._position, "seed": self._seed, "num_prompts": len(self._prompts)}
+    @property
+    def hint_levels(self) -> Mapping[str, int]:
+        """Each problem's current hint level (prompt id -> index into its graded hints); absent means 0."""
+        return MappingProxyType(self._hint_levels)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def update_hint_levels(self, updates: Mapping[str, int]) -> None:
+        """Set the hint levels of the problems in `updates` (from `algorithms.guide.hint_level_updates`)."""
+        for prompt_id, level in updates.items():
+            if level:
+                self._hint_levels[prompt_id] = level
+            else:
+                self._hint_levels.pop(prompt_id, None)
+
+    @property
+    def self_hints(self) -> Mapping[tuple[str, int], str | None]:
+        """The hints the policy wrote: (prompt id, level) -> hint, None where it was rejected (it leaked)."""
+        return MappingProxyType(self._self_hints)
+
+    def update_self_hints(self, written: Mapping[tuple[str, int], str | None]) -> None:
+        """Keep newly written hints (from `experience.self_written_hints`), so each is written once per run."""
+        self._self_hints.update(written)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self._seed,
+            "num_prompts": len(self._prompts),
+            "hint_levels": dict(self._hint_levels),
+            "self_hints": [[prompt_id, level, hint] for (prompt_id, level), hint in self._self_hints.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the prompts and seed must be those the state was saved with."""
         for key, current in (("seed", self._seed), ("num_prompts", len(self._prompts))):
             if state[key] != current:
@@ -137,12 +182,17 @@ class PromptLoader:
             raise ValueError(f"PromptLoader state: position {state['position']} out of range")
         self._epoch, self._position = state["epoch"], state["position"]
         self._order = self._epoch_order(self._epoch)
+        # A checkpoint from before graded hints has no levels (every problem starts at 0) and no written hints.
+        self._hint_levels = {str(key): int(level) for key, level in state.get("hint_levels", {}).items()}
+        self._self_hints = {(prompt_id, level): hint for prompt_id, level, hint in state.get("self_hints", [])}
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Counts of distinct prompts seen so far that were too long, or lost their hint for length."""
+        """Counts of distinct prompts seen so far that were too long, or lost their hint (or some of its levels)
+        for length."""
         return {
             "data/epoch": float(self._epoch),
             "data/num_overlong_prompts": float(len(self._overlong_ids)),
             "data/num_hints_removed_for_length": float(len(self._hint_removed_ids)),
+            "data/num_hint_levels_removed_for_length": float(len(self._levels_removed_ids)),
         }

@@ -1,13 +1,15 @@
 """reasoning-gym tasks as a prompt source, with hints built from each problem's metadata.
 
-A hint must help without stating the final answer. Each task has a list of hint builders, strongest first; a hint
-*leaks* when the answer appears in it as a number that the question does not already contain, and a leaking hint
-is replaced by the next, weaker one. A problem whose hints all leak gets no hint (counted in the PromptSet).
-Measured with SmolLM2-135M (reference/demo_measurements.md): on leg_counting with two animal types the per-animal
-subtotal hint makes about half of the unsolved problems solvable, against ~5% for a plain resample.
+A hint must help without stating the final answer. Each task has a list of hint builders, weakest first, and a
+problem's hint is the list of the levels they build (graded hints, algorithm.guide.levels): leg_counting gives the
+legs of each animal, then each animal's subtotal, never the total. A hint *leaks* when the answer appears in it as a
+number that the question does not already contain; every level is checked and a leaking level is left out. A problem
+whose levels all leak gets no hint (counted in the PromptSet). Measured with SmolLM2-135M
+(reference/demo_measurements.md): on leg_counting with two animal types the per-animal subtotal hint makes about half
+of the unsolved problems solvable, against ~5% for a plain resample.
 
 Prompt: `{question}\\n{instruction}`; hinted prompt: `{question}\\nHint: {hint}\\n{instruction}`, the layout
-that measurement used, given complete as `Prompt.hinted_prompt`.
+that measurement used, as the prompt's own `Prompt.hint_template`.
 """
 
 from __future__ import annotations
@@ -73,27 +75,41 @@ def _chain_sum_steps(metadata: dict[str, Any]) -> str | None:
 
 
 HINT_BUILDERS: dict[str, list[HintBuilder]] = {
-    "leg_counting": [_leg_counting_subtotals, _leg_counting_legs_per_animal],
+    "leg_counting": [_leg_counting_legs_per_animal, _leg_counting_subtotals],
     "chain_sum": [_chain_sum_steps],
 }
 
 
-def build_hint(task: str, entry: dict[str, Any]) -> str | None:
-    """The strongest hint for a reasoning-gym entry that does not leak its answer, or None."""
-    for builder in HINT_BUILDERS.get(task, []):
-        hint = builder(entry["metadata"])
-        if hint is not None and not hint_leaks_answer(hint, answer=entry["answer"], question=entry["question"]):
-            return hint
-    return None
+def build_hint_levels(task: str, entry: dict[str, Any]) -> list[str]:
+    """The graded hints of a reasoning-gym entry, weakest first: every level built that does not leak its answer."""
+    hints = [builder(entry["metadata"]) for builder in HINT_BUILDERS.get(task, [])]
+    return [
+        hint
+        for hint in hints
+        if hint is not None and not hint_leaks_answer(hint, answer=entry["answer"], question=entry["question"])
+    ]
+
+
+def _literal(text: str) -> str:
+    # Text placed into a str.format template as is.
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def load_reasoning_gym(
-    task: str, *, size: int = 500, seed: int = 1234, instruction: str = ANSWER_LINE_INSTRUCTION, **task_options: Any
+    task: str,
+    *,
+    size: int = 500,
+    seed: int = 1234,
+    instruction: str = ANSWER_LINE_INSTRUCTION,
+    hints: bool = True,
+    **task_options: Any,
 ) -> PromptSet:
-    """`size` problems of reasoning-gym task `task` (its config fields in `task_options`), hinted where possible.
+    """`size` problems of reasoning-gym task `task` (its config fields in `task_options`), with graded hints where
+    possible.
 
     Each Prompt carries the reasoning-gym entry in its metadata, for the task's own scorer (reward
-    `reasoning_gym`). `PromptSet.num_without_hint` counts the problems left without a hint.
+    `reasoning_gym`). `PromptSet.num_without_hint` counts the problems left without a hint. hints=False builds
+    none (for hints the policy writes itself, algorithm.guide.hint_source = self).
     """
     import reasoning_gym
 
@@ -102,15 +118,15 @@ def load_reasoning_gym(
     for index in range(size):
         entry = dataset[index]
         question = entry["question"].strip()
-        hint = build_hint(task, entry)
-        num_without_hint += hint is None
+        levels = build_hint_levels(task, entry) if hints else []
+        num_without_hint += hints and not levels
         prompts.append(
             Prompt(
                 id=f"reasoning_gym/{task}/{seed}/{index}",
                 prompt=f"{question}\n{instruction}",
                 answer=entry["answer"],
-                hint=hint,
-                hinted_prompt=f"{question}\nHint: {hint}\n{instruction}" if hint is not None else None,
+                hint=levels or None,
+                hint_template=f"{_literal(question)}\nHint: {{hint}}\n{_literal(instruction)}",
                 source=f"reasoning_gym/{task}",
                 metadata={REASONING_GYM_ENTRY_KEY: entry},
             )

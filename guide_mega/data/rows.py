@@ -1,7 +1,8 @@
 """Rows of a prompt file -> `Prompt` records, for our schema and for the Guide authors' dataset schema.
 
 Our schema (`native`): `prompt` (text or chat messages), `answer` (string, number or list of strings), and the
-optional `hint`, `id`, `source` and `metadata`. An unknown field is an error, so a typo such as `hints` is caught.
+optional `hint` (a string, or a list of graded hints from weakest to strongest), `id`, `source` and `metadata`. An
+unknown field is an error, so a typo such as `hints` is caught.
 
 The authors' schema (`guide_rl`, their verl parquet files): `prompt` and `hint` are chat-message lists, and
 `hint[-1].content` is the FULL hinted problem text (problem and hint together), so it becomes
@@ -104,6 +105,16 @@ def _optional_text(row: Mapping[str, Any], field: str, *, where: str) -> str | N
     return value
 
 
+def _hint(row: Mapping[str, Any], *, where: str) -> str | list[str] | None:
+    """One hint, or graded hints as a list of strings, weakest first."""
+    value = row.get("hint")
+    if not isinstance(value, list):
+        return _optional_text(row, "hint", where=where)
+    if not value or not all(isinstance(item, str) and item.strip() for item in value):
+        raise _fail(where, "hint", f"expected a non-empty list of non-empty strings (weakest first), got {value!r}")
+    return list(value)
+
+
 def prompt_from_native_row(row: Any, *, where: str, default_id: str, default_source: str) -> Prompt:
     """A `Prompt` from a row of our schema; raises RowError naming `where` and the field."""
     if not isinstance(row, Mapping):
@@ -126,7 +137,7 @@ def prompt_from_native_row(row: Any, *, where: str, default_id: str, default_sou
         id=str(row_id) if row_id is not None else default_id,
         prompt=_prompt_content(row["prompt"], where=where, field="prompt"),
         answer=_answer(row["answer"], where=where, field="answer"),
-        hint=_optional_text(row, "hint", where=where),
+        hint=_hint(row, where=where),
         source=_optional_text(row, "source", where=where) or default_source,
         metadata=dict(metadata),
     )

@@ -1,17 +1,24 @@
 """Guide's unsolved-group detection, hinted prompts, merging and hint metrics."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from guide_mega.algorithms.advantages import group_advantages_reference
 from guide_mega.algorithms.filtering import keep_groups_with_variance
 from guide_mega.algorithms.guide import (
+    escalation_plan,
     find_unsolved_groups,
     guide_metrics,
+    hint_level_updates,
     hint_reliance,
     hinted_prompt,
+    level_metrics,
     merge_guided_groups,
+    next_hint_level,
     plan_hints,
+    trainable_group_yield,
     unsolved_mask,
 )
 from guide_mega.types import Prompt, Rollout, RolloutGroup
@@ -163,3 +170,78 @@ def test_guide_metrics_counts():
     assert metrics["guide/num_unsolved_without_hint"] == 1
     assert metrics["guide/guided_groups_solved"] == 1
     assert metrics["guide/guided_success_rate"] == pytest.approx(0.5)
+
+
+GRADED = ["legs per animal", "subtotals"]
+
+
+def _graded_group(prompt_id, correct, *, hint=GRADED):
+    group = _group(prompt_id, correct)
+    return RolloutGroup(prompt=replace(group.prompt, hint=list(hint)), rollouts=group.rollouts)
+
+
+def test_hinted_prompt_levels_and_the_prompts_own_template():
+    prompt = Prompt(id="g", prompt="2 cats?", answer="8", hint=GRADED)
+    assert prompt.num_hint_levels == 2
+    assert hinted_prompt(prompt, level=0) == "2 cats?\nHint: legs per animal"
+    assert hinted_prompt(prompt) == "2 cats?\nHint: subtotals"  # no level: the strongest
+    own = replace(prompt, hint_template="Q: 2 cats? ({hint}) Answer:")
+    assert hinted_prompt(own, template="{prompt} {hint}", level=1) == "Q: 2 cats? (subtotals) Answer:"
+    with pytest.raises(ValueError, match="has 2 hint levels, asked for level 2"):
+        hinted_prompt(prompt, level=2)
+
+
+def test_plan_starts_each_problem_at_its_level_and_fixed_hints_at_the_strongest():
+    groups = [_graded_group("a", [False] * 2), _graded_group("b", [False] * 2), _group("c", [False] * 2)]
+    plan = plan_hints(groups, [0, 1, 2], levels={"b": 1, "c": 5})  # c has one hint: its level stays 0
+    assert plan.levels == [0, 1, 0]
+    assert plan.prompts == [
+        "problem a\nHint: legs per animal",
+        "problem b\nHint: subtotals",
+        "problem c\nHint: use the subtotals",
+    ]
+    assert plan_hints(groups, [0, 1], levels=None).levels == [1, 1]
+
+
+def test_escalation_plan_steps_up_only_failed_waves_with_a_stronger_hint():
+    groups = [_graded_group("a", [False] * 2), _graded_group("b", [False] * 2), _graded_group("c", [False] * 2)]
+    plan = plan_hints(groups, [0, 1, 2], levels={"c": 1})
+    waves = [_group("a", [False, False], guided=True), _group("b", [True, False], guided=True),
+             _group("c", [False, False], guided=True)]  # fmt: skip
+    up = escalation_plan(groups, plan, waves)
+    assert up.group_indices == [0] and up.levels == [1] and up.prompts == ["problem a\nHint: subtotals"]
+
+
+@pytest.mark.parametrize(
+    ("level", "success", "expected"),
+    [(0, 0.0, 1), (1, 0.0, 2), (2, 0.0, 2), (1, 0.5, 1), (1, 0.25, 1), (1, 0.75, 1), (1, 1.0, 0), (0, 1.0, 0),
+     (2, None, 1), (0, None, 0)],
+)  # fmt: skip
+def test_next_hint_level_aims_at_half_success(level, success, expected):
+    assert next_hint_level(level, num_levels=3, guided_success=success, target=0.5, tolerance=0.25) == expected
+
+
+def test_hint_level_updates_escalate_failures_and_lower_problems_solved_without_a_hint():
+    groups = [_graded_group("a", [False] * 4), _graded_group("b", [True, False, False, False]),
+              _graded_group("c", [False] * 4), _group("d", [False] * 4, hint=None)]  # fmt: skip
+    levels = {"b": 1, "c": 1}
+    unsolved = find_unsolved_groups(groups)
+    plan = plan_hints(groups, unsolved, levels=levels)
+    guided = {0: _group("a", [False] * 4, guided=True), 2: _group("c", [True] * 4, guided=True)}
+    updates = hint_level_updates(groups, unsolved, plan, guided, levels=levels, target=0.5, tolerance=0.25)
+    # a failed at 0 -> 1; b solved without a hint: 1 -> 0; c succeeded every time at 1 -> 0; d has no hint.
+    assert updates == {"a": 1, "b": 0, "c": 0}
+    assert hint_level_updates(groups, [], replace(plan, group_indices=[], levels=[]), {}, levels={},
+                              target=0.5, tolerance=0.25) == {}  # fmt: skip
+
+
+def test_level_metrics_and_trainable_group_yield():
+    plan = plan_hints([_graded_group("a", [False] * 2), _graded_group("b", [False] * 2)], [0, 1], levels={"b": 1})
+    waves = [_group("a", [True, False, False, False], guided=True), _group("b", [True, True], guided=True)]
+    metrics = level_metrics(plan, waves).as_dict()
+    assert metrics == {"guide/level0_groups": 1.0, "guide/level1_groups": 1.0,
+                       "guide/level0_success_rate": 0.25, "guide/level1_success_rate": 1.0}  # fmt: skip
+    both = (level_metrics(plan, waves) + level_metrics(replace(plan, levels=[0, 0]), waves)).as_dict()
+    assert both["guide/level0_groups"] == 3.0 and both["guide/level0_success_rate"] == pytest.approx(4 / 10)
+    groups = [_group("a", [True, False]), _group("b", [True, True]), _group("c", [False, True])]
+    assert trainable_group_yield(groups, generated_tokens=500) == {"guide/trainable_groups_per_1k_tokens": 4.0}

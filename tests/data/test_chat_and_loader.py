@@ -1,5 +1,6 @@
 """Chat templates through the tokenizer, and the loader: shuffling, resume, and the prompt-length limit."""
 
+import json
 import logging
 
 import pytest
@@ -96,3 +97,29 @@ def test_every_prompt_too_long_is_an_error(smollm2_tokenizer):
     loader = PromptLoader(make_prompts(2, long_ids={0, 1}), seed=0, tokenizer=smollm2_tokenizer, max_prompt_tokens=50)
     with pytest.raises(ValueError, match="every prompt is longer than data.max_prompt_tokens=50"):
         loader.next_batch(1)
+
+
+def test_hint_levels_are_loader_state_and_resume_exactly():
+    prompts = make_prompts(5)
+    loader = PromptLoader(prompts, seed=2)
+    loader.next_batch(3)
+    loader.update_hint_levels({"p1": 2, "p3": 1})
+    loader.update_hint_levels({"p3": 0})  # back at level 0: no entry kept
+    state = loader.state_dict()
+    assert state["hint_levels"] == {"p1": 2} and dict(loader.hint_levels) == {"p1": 2}
+    resumed = PromptLoader(prompts, seed=2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # the checkpoint's metadata is JSON
+    assert dict(resumed.hint_levels) == {"p1": 2}
+    assert ids_of(resumed.next_batch(4)) == ids_of(loader.next_batch(4))
+    older = {key: value for key, value in state.items() if key != "hint_levels"}  # a checkpoint from before levels
+    resumed.load_state_dict(older)
+    assert dict(resumed.hint_levels) == {}
+
+
+def test_graded_hint_levels_too_long_are_removed_and_counted(smollm2_tokenizer):
+    graded = Prompt(id="g", prompt="problem", answer="1", hint=["short hint", "hint " * 400, "another short one"])
+    loader = PromptLoader([graded], seed=0, tokenizer=smollm2_tokenizer, max_prompt_tokens=100)
+    (prompt,) = loader.next_batch(1)
+    assert prompt.hint == ["short hint", "another short one"]
+    assert loader.metrics["data/num_hint_levels_removed_for_length"] == 1.0
+    assert loader.metrics["data/num_hints_removed_for_length"] == 0.0

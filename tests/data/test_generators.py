@@ -2,10 +2,11 @@
 
 import pytest
 
+from guide_mega.algorithms.guide import hinted_prompt
 from guide_mega.config import DataConfig
 from guide_mega.data.champ_source import load_champ
 from guide_mega.data.hints import hint_leaks_answer
-from guide_mega.data.reasoning_gym_source import build_hint, load_reasoning_gym
+from guide_mega.data.reasoning_gym_source import build_hint_levels, load_reasoning_gym
 from guide_mega.data.sources import load_prompt_source
 from guide_mega.rewards.verifiers import RewardOptions, reasoning_gym_reward
 
@@ -21,25 +22,24 @@ def leg_entry(animals):
     return {"question": question, "answer": str(total), "metadata": {"animals": animals}}
 
 
-def test_leg_counting_subtotal_hint():
-    hint = build_hint("leg_counting", leg_entry({"firefly": 3, "tiger": 2}))
-    assert hint == (
+def test_leg_counting_levels_go_from_legs_per_animal_to_subtotals():
+    levels = build_hint_levels("leg_counting", leg_entry({"firefly": 3, "tiger": 2}))
+    assert levels == [
+        "A firefly has 6 legs; a tiger has 4 legs.",
         "Each firefly has 6 legs, so 3 fireflys have 3 x 6 = 18 legs; each tiger has 4 legs, so 2 tigers have "
-        "2 x 4 = 8 legs. Add these numbers together."
-    )
+        "2 x 4 = 8 legs. Add these numbers together.",
+    ]
 
 
-def test_leg_counting_falls_back_when_a_subtotal_is_the_total():
-    # The snake has 0 legs, so the spider subtotal (16) is the answer: the weaker hint is used.
-    assert (
-        build_hint("leg_counting", leg_entry({"spider": 2, "snake": 1})) == "A spider has 8 legs; a snake has 0 legs."
-    )
-    assert build_hint("leg_counting", leg_entry({"elephant": 3})) == "An elephant has 4 legs."
-
-
-def test_leg_counting_without_a_safe_hint():
-    # 2 snakes: every hint states 0 legs, the answer.
-    assert build_hint("leg_counting", leg_entry({"snake": 2})) is None
+def test_every_level_is_leak_checked():
+    # The snake has 0 legs, so the spider subtotal (16) is the answer: only the weaker level is left.
+    assert build_hint_levels("leg_counting", leg_entry({"spider": 2, "snake": 1})) == [
+        "A spider has 8 legs; a snake has 0 legs."
+    ]
+    # One animal type: its subtotal is the total.
+    assert build_hint_levels("leg_counting", leg_entry({"elephant": 3})) == ["An elephant has 4 legs."]
+    # 2 snakes: every level states 0 legs, the answer.
+    assert build_hint_levels("leg_counting", leg_entry({"snake": 2})) == []
 
 
 def test_hint_leak_check_compares_whole_numbers():
@@ -53,7 +53,8 @@ def test_reasoning_gym_source_prompts_hints_and_scoring():
     prompt_set = load_prompt_source(
         "reasoning_gym:leg_counting", DataConfig(source_options={"size": 60, "seed": 5, **LEG_COUNTING_2})
     )
-    prompts = prompt_set.prompts
+    prompts, instruction = prompt_set.prompts, "Put the final answer after 'Answer:'."
+    assert sum(prompt.num_hint_levels == 2 for prompt in prompts) > 40  # most problems have both levels
     assert len(prompts) == 60 and len({prompt.id for prompt in prompts}) == 60
     assert prompt_set.num_without_hint == sum(not prompt.has_hint for prompt in prompts)
     assert prompt_set.num_without_hint < 10
@@ -61,9 +62,11 @@ def test_reasoning_gym_source_prompts_hints_and_scoring():
         entry = prompt.metadata["reasoning_gym_entry"]
         assert prompt.prompt.endswith("?\nPut the final answer after 'Answer:'.")
         assert prompt.answer == entry["answer"]
-        if prompt.has_hint:
-            assert not hint_leaks_answer(prompt.hint, answer=prompt.answer, question=entry["question"])
-            assert prompt.hinted_prompt == prompt.prompt.replace("\nPut", f"\nHint: {prompt.hint}\nPut")
+        for level, hint in enumerate(prompt.hint or []):
+            assert not hint_leaks_answer(hint, answer=prompt.answer, question=entry["question"])
+            hinted = prompt.prompt.replace("\nPut", f"\nHint: {hint}\nPut")
+            assert hinted_prompt(prompt, template="{prompt} / {hint}", level=level) == hinted
+        assert prompt.hint is None or hinted_prompt(prompt).endswith(f"Hint: {prompt.hint[-1]}\n{instruction}")
     first = prompts[0]
     result = reasoning_gym_reward(
         f"Answer: {first.answer}", answer=first.answer, metadata=first.metadata, options=RewardOptions()
@@ -77,7 +80,7 @@ def test_reasoning_gym_is_deterministic_and_chain_sum_is_hinted():
     assert [prompt.prompt for prompt in first] == [prompt.prompt for prompt in again]
     chain = load_reasoning_gym("chain_sum", size=20, seed=1, min_terms=3, max_terms=3, min_digits=1, max_digits=1)
     hinted = [prompt for prompt in chain.prompts if prompt.has_hint]
-    assert hinted and all(prompt.hint.startswith("First compute ") for prompt in hinted)
+    assert hinted and all(prompt.hint[-1].startswith("First compute ") for prompt in hinted)
     assert chain.num_without_hint == 20 - len(hinted)
 
 

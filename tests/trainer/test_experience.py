@@ -6,12 +6,14 @@ to end in the trainer tests. Scoring goes through the real RewardPool, training 
 """
 
 import dataclasses
+import json
 
 import pytest
 
+from guide_mega.algorithms.guide import plan_hints
 from guide_mega.build import build_trainer
 from guide_mega.config import RewardConfig
-from guide_mega.experience import first_wave, hinted_wave, score_groups
+from guide_mega.experience import first_wave, guided_waves, hinted_wave, score_groups, self_written_hints
 from guide_mega.rewards import RewardPool
 from guide_mega.rollout.engine import Completion, SamplingParams
 from guide_mega.trainer import Trainer
@@ -91,9 +93,8 @@ def test_hinted_wave_samples_only_unsolved_prompts_with_a_hint(reward_pool):
     prompts = _prompts([1, 2]) + [Prompt(id="p3", prompt="xxx problem", answer="3")]  # p3 has no hint
     groups, _ = first_wave(engine, tokenize, prompts, sampling=SamplingParams(), group_size=4)
     groups, _ = score_groups(groups, reward_pool, prefix="rollout")
-    plan, guided, metrics = hinted_wave(
-        engine, tokenize, groups, [0, 2], template="{prompt}\nHint: {hint}", sampling=SamplingParams(), group_size=4
-    )
+    plan = plan_hints(groups, [0, 2], template="{prompt}\nHint: {hint}")
+    guided, metrics = hinted_wave(engine, tokenize, groups, plan, sampling=SamplingParams(), group_size=4)
     assert plan.group_indices == [0] and plan.without_hint == [2] and engine.calls[-1][0] == 4
     (wave,), _ = score_groups(guided, reward_pool, prefix="guided")
     assert [rollout.correct for rollout in wave.rollouts] == [True, True, True, False]
@@ -153,3 +154,143 @@ def test_a_step_with_no_signal_skips_training_and_says_so(tiny_run_config):
     # Four rounds (the default max_filter_rounds) of two unsolved prompts whose hinted waves fail as well.
     assert metrics["filter/rounds"] == 4 and metrics["guide/num_unsolved_groups"] == 8
     assert metrics["guide/num_guided_groups"] == 8 and metrics["filter/num_groups_dropped"] == 8
+
+
+def _graded_prompts(keys):
+    return [Prompt(id=f"p{k}", prompt="x" * k + " problem", answer=str(k), hint=["weak", "strong hint"]) for k in keys]
+
+
+def _graded_toy_engine(plain, by_level, group_size=4):
+    """Correct samples per problem key: `plain[key]` without a hint, `by_level[level][key]` with the hint of that
+    level (the level is the number of words after 'Hint:' minus one)."""
+
+    def solved(ids):
+        if HINT_MARK not in ids:
+            return plain.get(ids[0] - 100, 0)
+        level = len(ids) - ids.index(HINT_MARK) - 2
+        return by_level[level].get(ids[0] - 100, 0)
+
+    return ScriptedEngine(solved, lambda ids: f"Answer: {ids[0] - 100}", group_size=group_size)
+
+
+@pytest.mark.parametrize("max_extra_waves", [1, 0])
+def test_guided_waves_escalate_a_failed_wave_one_level_within_the_step(reward_pool, max_extra_waves):
+    # Level 0: p1 fails, p2 half right, p3 (starting at level 1, the strongest) fails. Level 1: p1 3 of 4.
+    engine = _graded_toy_engine({}, {0: {2: 2}, 1: {1: 3}})
+    groups, _ = first_wave(engine, tokenize, _graded_prompts([1, 2, 3]), sampling=SamplingParams(), group_size=4)
+    groups, _ = score_groups(groups, reward_pool, prefix="rollout")
+    plan, guided, metrics = guided_waves(
+        engine, tokenize, reward_pool, groups, [0, 1, 2], template="{prompt}\nHint: {hint}", levels={"p3": 1},
+        max_extra_waves=max_extra_waves, sampling=SamplingParams(), group_size=4,
+    )  # fmt: skip
+    values = metrics.as_dict()
+    assert plan.group_indices == [0, 1, 2] and list(guided) == [0, 1, 2]
+    if max_extra_waves:
+        assert [count for count, _ in engine.calls] == [12, 12, 4]  # the extra wave: p1 only, one level up
+        assert plan.levels == [1, 0, 1] and guided[0].success_rate == 0.75
+        assert plan.prompts[0] == "x problem\nHint: strong hint"
+        assert values["guide/num_escalated_groups"] == 1 and values["guide/level1_groups"] == 2
+        assert guided[0].prompt.hint == "strong hint"  # the group records the hint it was sampled with
+        assert values["guided/num_rollouts"] == 16 and values["guided/generated_tokens"] == 48  # in the budget
+        assert values["guide/level1_success_rate"] == pytest.approx(3 / 8)
+    else:
+        assert [count for count, _ in engine.calls] == [12, 12]
+        assert plan.levels == [0, 0, 1] and guided[0].success_rate == 0.0
+        assert values["guide/num_escalated_groups"] == 0 and values["guide/level1_groups"] == 1
+    assert values["guide/level0_groups"] == 2 and values["guide/level0_success_rate"] == pytest.approx(2 / 8)
+    assert guided[1].success_rate == 0.5 and all(r.is_guided for r in guided[1].rollouts)
+
+
+def _graded_trainer(tiny_run_config, tmp_path, run_name, outcomes):
+    """A real trainer over two problems with two hint levels each, whose engine answers right `outcomes[(problem,
+    level)]` times of 4 ('plain': no hint); `outcomes` may change between steps."""
+    path = tmp_path / "graded.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"Say one ({i}).", "answer": "1", "hint": ["It is a number.", "It is small."]}
+            for i in range(2)]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = {"data.source": str(path), "data.shuffle": False, "algorithm.guide.levels.adaptive": True}
+    trainer = build_trainer(tiny_run_config(run_name, **overrides))
+    tokenize = trainer.rollout.tokenize
+    contexts = {}
+    for index, row in enumerate(rows):
+        contexts[tuple(tokenize(row["prompt"]))] = (index, "plain")
+        for level, hint in enumerate(row["hint"]):
+            contexts[tuple(tokenize(f"{row['prompt']}\nHint: {hint}"))] = (index, level)
+    engine = ScriptedEngine(lambda ids: outcomes.get(contexts[tuple(ids)], 0), lambda ids: "1", group_size=4)
+    rollout = dataclasses.replace(trainer.rollout, engine=engine)
+    rebuilt = Trainer(trainer.config, policy=trainer.policy, critic=None, rollout=rollout, engines=trainer.engines,
+                      run_log=trainer.run_log)  # fmt: skip
+    return rebuilt, engine
+
+
+def _step(trainer):
+    metrics = trainer.step()
+    trainer.step_index += 1
+    return metrics
+
+
+def test_hint_levels_escalate_settle_resume_exactly_and_fall_when_solved_without_a_hint(tiny_run_config, tmp_path):
+    # q0: fails without a hint and at level 0, half right at level 1; q1: always right at level 0 (stays at 0).
+    outcomes = {(0, 1): 2, (1, 0): 4}
+    trainer, engine = _graded_trainer(tiny_run_config, tmp_path, "graded", outcomes)
+    try:
+        first = _step(trainer)
+        assert [count for count, _ in engine.calls] == [8, 8, 4]  # q0 escalated within the step
+        assert first["guide/num_escalated_groups"] == 1 and first["guide/level1_success_rate"] == 0.5
+        assert dict(trainer.rollout.loader.hint_levels) == {"q0": 1}
+        second = _step(trainer)
+        assert [count for count, _ in engine.calls[3:]] == [8, 8]  # q0 starts at level 1: no extra wave
+        assert second["guide/level1_groups"] == 1 and second["guide/level0_groups"] == 1
+        # 48 tokens generated (both waves); q1's all-right guided group has no reward variance: one group trains.
+        assert second["guide/trainable_groups_per_1k_tokens"] == pytest.approx(1000 / 48)
+        checkpoint = trainer.save()
+        resumed, resumed_engine = _graded_trainer(tiny_run_config, tmp_path, "graded_resumed", outcomes)
+        try:
+            resumed.resume(checkpoint)
+            assert resumed.rollout.loader.state_dict() == trainer.rollout.loader.state_dict()
+            outcomes[(0, "plain")] = 1  # q0 is now solved without its hint: its level falls back to 0
+            after, after_resume = _step(trainer), _step(resumed)
+            assert [count for count, _ in resumed_engine.calls] == [count for count, _ in engine.calls[5:]] == [8, 4]
+            assert dict(trainer.rollout.loader.hint_levels) == dict(resumed.rollout.loader.hint_levels) == {}
+            for key in ("guide/num_guided_groups", "guide/level0_success_rate", "rollout/accuracy", "loss"):
+                assert after_resume[key] == pytest.approx(after[key], rel=1e-5), key
+        finally:
+            resumed.close()
+    finally:
+        trainer.close()
+
+
+class HintWriter:
+    """An engine whose i-th completion of a call is texts[i]; it keeps each call's requests, sampling and seeds."""
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, []
+
+    def generate(self, requests, sampling, *, seeds=None):
+        self.calls.append((requests, sampling, seeds))
+        return [Completion(response_ids=[1, 2], logprobs=[-1.0, -1.0], finish_reason="stop", text=text)
+                for text in self.texts[: len(requests)]]  # fmt: skip
+
+
+def test_self_written_hints_are_leak_checked_cached_and_graded(reward_pool):
+    prompts = [Prompt(id="p1", prompt="x problem", answer="1"), *_prompts([2]),
+               Prompt(id="p3", prompt="xxx problem", answer="3")]  # fmt: skip
+    groups, _ = first_wave(_toy_engine({3: 4}, {}), tokenize, prompts, sampling=SamplingParams(), group_size=4)
+    groups, _ = score_groups(groups, reward_pool, prefix="rollout")
+    writer = HintWriter(["Count the letters.", "The answer is 1."])  # level 1 states the answer
+    sampling = dataclasses.replace(SamplingParams(), seed=5)
+    hinted, written, metrics = self_written_hints(
+        writer, tokenize, groups, [0, 1], {}, sampling=sampling, max_new_tokens=16
+    )
+    (requests, used, seeds), = writer.calls  # fmt: skip
+    assert len(requests) == 2 and used.max_new_tokens == 16 and len(set(seeds)) == 2  # only p1: p2 has a hint
+    assert written == {("p1", 0): "Count the letters.", ("p1", 1): None}
+    assert hinted[0].prompt.hint == ["Count the letters."] and groups[0].prompt.hint is None  # input untouched
+    assert hinted[1] is groups[1] and hinted[2] is groups[2]
+    counts = {key: value for key, value in metrics.as_dict().items() if key.startswith("self_hint/")}
+    assert counts == {"self_hint/num_written": 1, "self_hint/leaks_rejected": 1, "self_hint/cache_hits": 0,
+                      "self_hint/generated_tokens": 4}  # fmt: skip
+    again, new, cached = self_written_hints(writer, tokenize, groups, [0, 1], written, sampling=sampling,
+                                            max_new_tokens=16)  # fmt: skip
+    assert len(writer.calls) == 1 and new == {} and again[0].prompt.hint == ["Count the letters."]
+    assert cached.as_dict()["self_hint/cache_hits"] == 2
