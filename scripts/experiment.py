@@ -2,6 +2,13 @@
 same budget (steps x prompts x samples per prompt) and seed, evaluated without hints on held-out problems before
 and after training. Writes the table, the plots and the exact command to docs/results/.
 
+`--variant hints` (`make experiment EXPERIMENT_ARGS="--variant hints --seeds 1,2,3"`) compares the hints Guide gets
+at the same budget, one run per arm and seed: fixed (the strongest data hint, as in the paper), graded
+(algorithm.guide.levels.adaptive) and self-written (algorithm.guide.hint_source=self, the data's hints removed). It
+reports the trainable-group yield per 1,000 generated tokens and the guided success, per run and as the mean and
+spread over seeds. It is resumable: a finished run leaves its summary.json and is not run again, an interrupted one
+resumes from its last checkpoint; runs of other seeds can join the table later.
+
 Every training run and evaluation is its own `guide-mega` process, as a user would run them.
 """
 
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +35,17 @@ ALGORITHMS = {
     "filter_grpo": ["algorithm.guide.enabled=false", "algorithm.filter_groups=true"],
     "grpo": ["algorithm.guide.enabled=false", "algorithm.filter_groups=false"],
 }
+
+
+# The hint arms; every arm runs Guide on the same config with the same budget.
+HINT_ARMS = {
+    "fixed_hints": ["algorithm.guide.enabled=true"],
+    "graded_hints": ["algorithm.guide.enabled=true", "algorithm.guide.levels.adaptive=true"],
+    "self_hints": [
+        "algorithm.guide.enabled=true", "algorithm.guide.hint_source=self", "data.source_options.hints=false",
+    ],
+}  # fmt: skip
+WAVES = ("rollout", "guided", "self_hint")
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -97,6 +116,86 @@ def _row(name: str, results: EvalResults, samples: int) -> dict:
     }
 
 
+def hint_summary(rows: list[dict]) -> dict[str, float]:
+    """What a hint arm is judged by, from its metrics.jsonl rows: generated tokens (every wave, hint writing
+    included), trainable groups and their yield per 1,000 tokens, guided success (every hinted sample), unsolved and
+    guided groups, escalations and rejected self-written hints."""
+    tokens = [sum(row.get(f"{wave}/generated_tokens", 0.0) for wave in WAVES) for row in rows]
+    trainable = sum(
+        row.get("guide/trainable_groups_per_1k_tokens", 0.0) * n / 1000 for row, n in zip(rows, tokens, strict=True)
+    )
+    guided = sum(row.get("guided/num_rollouts", 0.0) for row in rows)
+    correct = sum(row.get("guided/accuracy", 0.0) * row.get("guided/num_rollouts", 0.0) for row in rows)
+    total = {key: sum(row.get(key, 0.0) for row in rows) for key in (
+        "guide/num_unsolved_groups", "guide/num_guided_groups", "guide/num_escalated_groups",
+        "self_hint/leaks_rejected", "train/skipped_step")}  # fmt: skip
+    return {
+        "steps": len(rows),
+        "generated_tokens": sum(tokens),
+        "trainable_groups": round(trainable, 3),
+        "trainable_groups_per_1k_tokens": 1000 * trainable / max(sum(tokens), 1.0),
+        "guided_success": correct / guided if guided else 0.0,
+        **{key.split("/")[1]: value for key, value in total.items()},
+    }
+
+
+def _hint_run(args: argparse.Namespace, arm: str, seed: int, work: Path) -> dict:
+    """One arm and seed, trained unless its summary.json says it finished; an interrupted run resumes."""
+    run_dir = work / f"{arm}_seed{seed}"
+    done = run_dir / "summary.json"
+    if done.exists():
+        print(f"{run_dir}: finished earlier, not run again", flush=True)
+        return json.loads(done.read_text())
+    command = [
+        sys.executable, "-m", "guide_mega.cli", "train", "--config", args.config, *HINT_ARMS[arm],
+        f"train.steps={args.steps}", f"train.seed={seed}", f"logging.run_dir={run_dir}",
+        "logging.progress_bar=false", "checkpoint.every=1", "checkpoint.keep_last=1", "checkpoint.resume=auto",
+        *args.overrides,
+    ]  # fmt: skip
+    seconds = _run(command, run_dir.with_suffix(".log"))
+    summary = {"arm": arm, "seed": seed, **hint_summary(read_metrics(run_dir / "metrics.jsonl")), "seconds": seconds}
+    done.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def hint_table(summaries: list[dict]) -> str:
+    """One row per run, then per arm the mean and spread (population std) over its seeds."""
+    keys = ("trainable_groups_per_1k_tokens", "guided_success", "generated_tokens", "trainable_groups",
+            "num_guided_groups", "num_escalated_groups", "leaks_rejected")  # fmt: skip
+    lines = ["| arm | seed | " + " | ".join(keys) + " |", "|---|---" + "|---" * len(keys) + "|"]
+    for row in summaries:
+        lines.append(f"| {row['arm']} | {row['seed']} | " + " | ".join(f"{row[key]:.4g}" for key in keys) + " |")
+    for arm in dict.fromkeys(row["arm"] for row in summaries):
+        runs = [row for row in summaries if row["arm"] == arm]
+        cells = [f"{statistics.fmean(values):.4g} ± {statistics.pstdev(values):.2g}"
+                 for values in ([row[key] for row in runs] for key in keys)]  # fmt: skip
+        lines.append(f"| **{arm}** | {len(runs)} seeds | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_hint_arms(args: argparse.Namespace) -> None:
+    """The hints variant: every arm of --arms for every seed of --seeds; writes the table and the JSON record."""
+    work, output = Path(args.work_dir) / "hints", Path(args.output)
+    work.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    unknown = sorted(set(arms) - set(HINT_ARMS))
+    if unknown:
+        sys.exit(f"--arms: unknown {unknown}; the arms are {sorted(HINT_ARMS)}")
+    summaries = [_hint_run(args, arm, seed, work) for arm in arms for seed in seeds]
+    table = hint_table(summaries)
+    record = {
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "args": vars(args),
+        "runs": summaries,
+    }
+    (output / "experiment_hints.json").write_text(json.dumps(record, indent=1) + "\n")
+    (output / "experiment_hints_table.md").write_text(table)
+    print(table + f"\nwritten to {output}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo_cpu.yaml", help="the shared training config")
@@ -108,8 +207,14 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/experiment", help="runs, checkpoints and evaluations")
     parser.add_argument("--output", default="docs/results", help="where the table, plots and command go")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset to run")
+    parser.add_argument("--variant", choices=("algorithms", "hints"), default="algorithms", help="what to compare")
+    parser.add_argument("--seeds", default="1", help="hints variant: comma-separated train.seed of each run")
+    parser.add_argument("--arms", default=",".join(HINT_ARMS), help="hints variant: comma-separated subset of arms")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run and evaluation")
     args = parser.parse_args()
+    if args.variant == "hints":
+        run_hint_arms(args)
+        return
     work, output = Path(args.work_dir), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
