@@ -51,13 +51,14 @@ BAR_LABEL = "guide-mega"
 
 
 def step_line(step: int, total_steps: int, row: dict) -> str:
-    """One step as a line: the STEP_LINE_FIELDS it has, then the seconds of each phase and of the whole step."""
+    """One step as a line: the STEP_LINE_FIELDS it has, then the seconds of each phase that took at least 0.05 s
+    (a colocated engine's sleep and wake on CPU take none) and of the whole step."""
     parts = [f"step {step}/{total_steps}"]
     parts += [f"{label} {fmt.format(row[key])}" for key, label, fmt in STEP_LINE_FIELDS if row.get(key) is not None]
     phases = [
         f"{key[len('time/') : -len('_s')]} {value:.1f}s"
         for key, value in row.items()
-        if key.startswith("time/") and key.endswith("_s") and key != "time/step_s" and value is not None
+        if key.startswith("time/") and key.endswith("_s") and key != "time/step_s" and (value or 0.0) >= 0.05
     ]
     if phases:
         parts.append(" ".join(phases))

@@ -44,16 +44,18 @@ def describe_run(rows: list[dict], config: Config) -> str:
         without_hint = _total(rows, "guide/num_unsolved_without_hint") or 0
         lines.append(
             f"Guide sampled {guided} of them again with the hint in the prompt, and the hint rescued {rescued} "
-            "(at least one correct answer)" + (f"; {without_hint} had no hint." if without_hint else ".")
+            f"(at least one correct answer in {group_size} hinted tries)"
+            + (f"; {without_hint} had no hint." if without_hint else ".")
         )
     trained, dropped = _total(rows, "train/num_groups"), _total(rows, "filter/num_groups_dropped")
     if trained is not None:
         filtered = f", after Filter-GRPO dropped {dropped} without reward variance" if dropped else ""
         lines.append(f"The policy trained on {_count(trained, 'group')}{filtered}.")
     if prompts is not None and unsolved is not None and guide.threshold == 0:
+        at_most = f"at most {_count(prompts - unsolved, 'group')}" if prompts > unsolved else "no group"
         lines.append(
-            f"Plain GRPO would have had at most {_count(prompts - unsolved, 'group')} with a learning signal: an "
-            "unsolved group's rewards are all 0, so its advantages are 0."
+            f"Plain GRPO would have had {at_most} with a learning signal: an unsolved group's rewards are all 0, so "
+            "its advantages are 0."
         )
     elif prompts is not None and dropped is not None and not guide.enabled:
         lines.append(f"{dropped} of {prompts} groups had equal rewards: no learning signal for plain GRPO.")

@@ -14,7 +14,7 @@ ROW = {
     "step": 3, "time": 0.0, "rollout/reward_mean": 0.125, "guide/num_unsolved_groups": 5.0,
     "guide/guided_success_rate": 0.375, "loss": -0.0123456, "perf/rollout_tokens_per_s": 45.4,
     "time/rollout_s": 12.34, "time/reward_s": 0.5, "time/old_logprobs_s": 1.0, "time/train_s": 5.25,
-    "time/weight_sync_s": 0.4, "time/step_s": 19.5, "actor/entropy": 0.7,
+    "time/weight_sync_s": 0.4, "time/engine_wake_s": 0.001, "time/step_s": 19.5, "actor/entropy": 0.7,
 }  # fmt: skip
 
 

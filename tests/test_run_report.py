@@ -38,13 +38,22 @@ def test_a_guide_run_is_told_from_its_numbers():
     assert describe_run([step, step], config).splitlines() == [
         "In 2 steps the first wave sampled 16 prompts; 14 of them were unsolved (no correct answer in 8 tries).",
         "Guide sampled 12 of them again with the hint in the prompt, and the hint rescued 8 (at least one correct "
-        "answer); 2 had no hint.",
+        "answer in 8 hinted tries); 2 had no hint.",
         "The policy trained on 10 groups, after Filter-GRPO dropped 6 without reward variance.",
         "Plain GRPO would have had at most 2 groups with a learning signal: an unsolved group's rewards are all 0, "
         "so its advantages are 0.",
         "Plots: runs/demo/curves.png; rollout samples (prompt, hint, response, reward): runs/demo/samples.jsonl; "
         "every metric: runs/demo/metrics.jsonl.",
     ]
+
+
+def test_when_every_group_is_unsolved_plain_grpo_had_no_group():
+    step = {"rollout/num_rollouts": 16.0, "guide/num_unsolved_groups": 2.0}
+    lines = describe_run([step], _config(**{"algorithm.guide.enabled": True})).splitlines()
+    assert lines[1] == (
+        "Plain GRPO would have had no group with a learning signal: an unsolved group's rewards are all 0, so its "
+        "advantages are 0."
+    )
 
 
 def test_a_filter_grpo_run_counts_its_zero_variance_groups():
