@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -95,8 +96,10 @@ def _plot_panel(axes, rows: list[dict], keys: list[str]) -> None:
         axes.legend(fontsize=7)
     if any(key == "loss" or key.endswith("_loss") for key in keys):
         magnitudes = sorted(abs(value) for value in plotted if value != 0)
-        # Linear within about the typical magnitude, logarithmic beyond: a loss is small and changes sign.
-        axes.set_yscale("symlog", linthresh=magnitudes[len(magnitudes) // 2] if magnitudes else 1.0)
+        # Linear up to the power of ten below the typical magnitude, logarithmic beyond: a loss is small and changes
+        # sign, and a power of ten keeps the ticks at 0, +-threshold, +-10 x threshold evenly apart.
+        typical = magnitudes[len(magnitudes) // 2] if magnitudes else 1.0
+        axes.set_yscale("symlog", linthresh=10.0 ** math.floor(math.log10(typical)))
 
 
 def _eval_order(key: str) -> tuple[int, int]:
