@@ -73,15 +73,17 @@ _SERVER_DTYPES = {
 
 
 class SGLangServerError(RuntimeError):
-    """An SGLang server is unreachable or refused a request; the message names the URL and endpoint.
+    """An SGLang server is unreachable or refused a request; the message names the URL and endpoint."""
 
-    `unavailable`: the server never took the request (no connection, or 429/5xx after every retry), so another
-    server may take it."""
-
-    def __init__(self, message: str, *, status: int | None = None, unavailable: bool = False) -> None:
+    def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.unavailable = unavailable
+
+
+class SGLangServerUnavailable(SGLangServerError, ValueError):
+    """The server never took the request: no connection (not started, a wrong URL, killed) or 429/5xx after every
+    retry, so another server may take it. A ValueError because the remedy lies outside this program (start or
+    restart the server): the CLI reports it in one line with exit status 2, not as a traceback."""
 
 
 class _Retryable(SGLangServerError):
@@ -221,9 +223,17 @@ class SGLangServerEngine:
 
     @classmethod
     def from_config(cls, config: RolloutConfig, **options: Any) -> SGLangServerEngine:
+        """The client of `rollout.sglang_urls`, once every server answers /health (with the usual retries): a run
+        whose servers are not up stops here, in one line, before any model loads."""
         if not config.sglang_urls:
             raise ValueError("rollout.sglang_urls: the SGLang server client needs at least one server URL")
-        return cls(config.sglang_urls, **options)
+        engine = cls(config.sglang_urls, **options)
+        try:
+            engine.check_health()
+        except SGLangServerError as exc:
+            engine.close()
+            raise SGLangServerUnavailable(f"rollout.sglang_urls: {exc}; start the servers first") from None
+        return engine
 
     @property
     def num_engines(self) -> int:
@@ -271,9 +281,7 @@ class SGLangServerEngine:
                 return self._attempt(url, request, endpoint, timeout_s or self.timeout_s)
             except _Retryable as exc:
                 if attempt == retries:
-                    raise SGLangServerError(
-                        f"{exc} ({attempt + 1} attempts)", status=exc.status, unavailable=True
-                    ) from None
+                    raise SGLangServerUnavailable(f"{exc} ({attempt + 1} attempts)", status=exc.status) from None
                 delay_s = self.retry_backoff_s * 2**attempt
                 logger.warning("%s; retry in %.1f s", exc, delay_s)
                 time.sleep(delay_s)
@@ -322,7 +330,7 @@ class SGLangServerEngine:
             failures.append(f"{url} ({future.exception()})")
             logger.warning("SGLang server %s is skipped for this call: %s", url, future.exception())
         if not healthy:
-            raise SGLangServerError(f"no SGLang server answers /health: {'; '.join(failures)}")
+            raise SGLangServerUnavailable(f"no SGLang server answers /health: {'; '.join(failures)}")
         return healthy
 
     def _warn_unless_seeded(self, servers: Sequence[int]) -> None:
@@ -361,9 +369,18 @@ class SGLangServerEngine:
                 chunk = share[start : start + self.requests_per_call]
                 jobs.append((chunk, self._executor.submit(self._generate_chunk, order, requests, params, chunk)))
         ordered: list[Completion | None] = [None] * len(requests)
-        for chunk, future in jobs:
-            for index, completion in zip(chunk, future.result(), strict=True):
-                ordered[index] = completion
+        try:
+            for chunk, future in jobs:
+                for index, completion in zip(chunk, future.result(), strict=True):
+                    ordered[index] = completion
+        except SGLangServerUnavailable as exc:
+            # Fail the step rather than restart a server this client does not own; the run resumes from its last
+            # checkpoint once the server is back (docs/launch.md, "Faults").
+            raise SGLangServerUnavailable(
+                f"{exc}; this step's rollout failed: restart the server and run again (checkpoint.resume=auto "
+                "resumes from the last checkpoint)",
+                status=exc.status,
+            ) from None
         return ordered
 
     def _generate_chunk(
@@ -380,7 +397,7 @@ class SGLangServerEngine:
             try:
                 outputs = self._call(url, "/generate", body)
             except SGLangServerError as exc:
-                if not exc.unavailable or attempt + 1 == len(order):
+                if not isinstance(exc, SGLangServerUnavailable) or attempt + 1 == len(order):
                     raise
                 logger.warning("%s; its %d requests go to %s", exc, len(chunk), self.urls[order[attempt + 1]])
                 continue
