@@ -201,6 +201,7 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
+    error = None
     try:
         with checkpoint_failures_as_errors(final, "saving"), _savable_optimizer_state(optimizer):
             state = _sharded_state(module, optimizer, scheduler, extra or {}, is_loading=False)
@@ -222,12 +223,16 @@ def save_checkpoint(
             shutil.rmtree(final, ignore_errors=True)
             temporary.rename(final)
     except CheckpointError as exc:
+        error = str(exc)
+    # Agreed on by every rank: rank 0 alone writes the metadata, and a rank that raised alone would leave the others
+    # waiting in the next collective.
+    error = _agreed_error(error)
+    if error is not None:
         # A full disk is the usual cause: free the partial write; the previous checkpoints were never touched.
         if _is_global_rank_zero():
             shutil.rmtree(temporary, ignore_errors=True)
         free_gib = shutil.disk_usage(root).free / 2**30
-        raise CheckpointError(f"{exc} ({free_gib:.1f} GiB free under {root}; earlier checkpoints are kept)") from None
-    _barrier()
+        raise CheckpointError(f"{error} ({free_gib:.1f} GiB free under {root}; earlier checkpoints are kept)")
     return final
 
 
@@ -315,6 +320,12 @@ def _verification_error(paths: list[Path]) -> str | None:
         error = None
     except CheckpointError as exc:
         error = str(exc)
+    return _agreed_error(error)
+
+
+def _agreed_error(error: str | None) -> str | None:
+    """The first rank's error message, or None when no rank has one (collective)."""
+    world = _rank_and_world()[1]
     if world == 1:
         return error
     errors: list[str | None] = [None] * world
