@@ -158,6 +158,11 @@ class GuideConfig:
     and kept for the run (docs/algorithms.md)."""
     self_hint_max_tokens: int = ranged(64, ge=1)
     """hint_source=self: the longest hint the engine may write, in tokens."""
+    teacher_coef: float = ranged(0.0, ge=0.0)
+    """Experimental hint-teacher term (0: off): the failed hint-free samples of a problem with a hint (merge=pool
+    keeps them) are pulled toward the policy's own hinted distribution, by this weight times a per-token reverse-KL
+    estimate to a stop-gradient pi(.|q,h). Risk: privileged-context distillation can hurt long chain-of-thought
+    models (docs/algorithms.md)."""
 
 
 @dataclass(kw_only=True)

@@ -260,6 +260,28 @@ def hint_reliance(
     }
 
 
+def hint_teacher_sequences(group_ids_S: torch.Tensor, is_guided_S: torch.Tensor) -> torch.Tensor:
+    """For the hint-teacher term: long [S], for each hint-free sequence of a group that also has guided sequences
+    (a problem whose hint-free samples failed and that has a hint; merge=pool keeps both in one group) the index of
+    a guided sequence of its group, whose sampled (hinted) prompt is the teacher's context; -1 elsewhere."""
+    teacher_S = torch.full_like(group_ids_S, -1, dtype=torch.long)
+    guided_of_group = {int(group_ids_S[seq]): seq for seq in reversed(range(group_ids_S.numel())) if is_guided_S[seq]}
+    for seq in range(group_ids_S.numel()):
+        if not is_guided_S[seq]:
+            teacher_S[seq] = guided_of_group.get(int(group_ids_S[seq]), -1)
+    return teacher_S
+
+
+def hint_teacher_loss(logprobs_T: torch.Tensor, teacher_logprobs_T: torch.Tensor) -> torch.Tensor:
+    """Per-token hint-teacher loss [T]: 1/2 (log pi(o_t|q) - sg[log pi(o_t|q,h)])^2 on the student's own samples.
+
+    Its gradient, (log pi(o_t|q) - log pi(o_t|q,h)) grad log pi(o_t|q), is in expectation over o_t ~ pi(.|q) the
+    gradient of the per-token reverse KL(pi(.|q) || pi(.|q,h)) (the term sum_o grad pi(o) vanishes), so only the
+    sampled tokens' logprobs are needed, never a full-vocabulary pass. The teacher is detached here.
+    """
+    return 0.5 * (logprobs_T - teacher_logprobs_T.detach()).square()
+
+
 def guide_metrics(
     groups: list[RolloutGroup], unsolved: list[int], plan: HintPlan, guided: dict[int, RolloutGroup], dropped: list[int]
 ) -> Metrics:

@@ -10,12 +10,13 @@ reduced over the data-parallel group, so those are the same on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from guide_mega.algorithms.guide import hint_reliance
+from guide_mega.algorithms.guide import hint_reliance, hint_teacher_sequences
 from guide_mega.algorithms.losses import importance_ratio, shaping_gamma
 from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.architecture import read_architecture
@@ -179,6 +180,20 @@ class MegatronPolicy:
             return {}
         return {name: float(totals[index] / totals[-1]) for index, name in enumerate(names)}
 
+    def _hint_teacher(self, batch: TrainBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The hint teacher (algorithm.guide.teacher_coef > 0): logprobs [T] of each hint-free sample of a group
+        with guided samples under that group's hinted prompt, at the step's start, and the bool mask [T] of those
+        tokens; (None, None) when the term is off. A group is never split over data-parallel ranks, so its hinted
+        prompt is on this rank. Collective over the model-parallel groups, like every forward."""
+        if not self.algorithm.guide.teacher_coef:
+            return None, None
+        teacher_S = hint_teacher_sequences(batch.group_ids_S, batch.is_guided_S)
+        students = [seq for seq in range(batch.num_seqs) if teacher_S[seq] >= 0]
+        prompts = [batch.sampled_prompt_ids[teacher] if teacher >= 0 else own
+                   for teacher, own in zip(teacher_S.tolist(), batch.sampled_prompt_ids, strict=True)]  # fmt: skip
+        hinted = dataclasses.replace(batch, sampled_prompt_ids=prompts)
+        return self.compute_logprobs(hinted, context="sampled", seqs=students), (teacher_S >= 0)[batch.seq_ids_T]
+
     def plan_mini_batches(
         self, batch: TrainBatch, *, old_logprobs_T: torch.Tensor, advantages_T: torch.Tensor
     ) -> tuple[list[LossInputs], dict[str, float]]:
@@ -187,6 +202,7 @@ class MegatronPolicy:
         batch.check_per_token("old_logprobs_T", old_logprobs_T)
         batch.check_per_token("advantages_T", advantages_T)
         gamma, metrics = self._guided_statistics(batch, old_logprobs_T)
+        teacher_logprobs_T, is_student_T = self._hint_teacher(batch)
         ref_logprobs_T = self.compute_logprobs(batch, reference=True) if self.reference is not None else None
         mini_batches = local_mini_batches(batch, self.train_config.mini_batches_per_step)
         counts_M2 = step_counts(batch, mini_batches)
@@ -200,6 +216,8 @@ class MegatronPolicy:
                 gamma=gamma,
                 global_num_tokens=float(counts_M2[index, 0]),
                 global_num_seqs=float(counts_M2[index, 1]),
+                teacher_logprobs_T=teacher_logprobs_T,
+                is_student_T=is_student_T,
             )
             for index, seqs in enumerate(mini_batches)
         ]
@@ -210,7 +228,12 @@ class MegatronPolicy:
         the loss metrics averaged over mini-batches and `actor/nonfinite_skipped` (see ModelRunner)."""
         plans, metrics = self.plan_mini_batches(batch, old_logprobs_T=old_logprobs_T, advantages_T=advantages_T)
         mini_batches = [(plan.seqs, self.loss_fn(plan)) for plan in plans]
-        return metrics | self.runner.train_mini_batches(batch, mini_batches, prefix="actor", loss_name="loss")
+        metrics |= self.runner.train_mini_batches(batch, mini_batches, prefix="actor", loss_name="loss")
+        if "actor/teacher_kl_sum" in metrics:
+            metrics["actor/teacher_kl"] = metrics.pop("actor/teacher_kl_sum") / max(
+                metrics["actor/teacher_tokens"], 1.0
+            )
+        return metrics
 
     def loss_fn(self, inputs: LossInputs):
         """The schedule's loss function for one mini-batch (Guide surrogate, KL and entropy terms)."""

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from guide_mega.algorithms.guide import hint_teacher_loss
 from guide_mega.algorithms.losses import (
     PolicyLossOptions,
     aggregate_loss,
@@ -47,6 +48,11 @@ class LossInputs:
     quantile of its own guided ratios at the current policy (gamma_scope=micro_batch, as the authors' code)."""
     global_num_tokens: float
     global_num_seqs: float
+    teacher_logprobs_T: torch.Tensor | None = None
+    """The hint-teacher's logprobs (algorithm.guide.teacher_coef > 0): the tokens of `is_student_T` under their
+    group's hinted prompt, at the step's start; None when the term is off."""
+    is_student_T: torch.Tensor | None = None
+    """Bool [T]: the tokens the hint teacher teaches."""
 
 
 def loss_options(algorithm: AlgorithmConfig) -> PolicyLossOptions:
@@ -111,6 +117,13 @@ def make_policy_loss_fn(
         total_N = combine_token_losses(
             pg_loss_N, kl_T=kl_N, kl_coef=algorithm.kl_coef, entropy_T=entropy_N, entropy_coef=algorithm.entropy_coef
         )
+        if inputs.teacher_logprobs_T is not None:
+            teacher_N = inputs.teacher_logprobs_T[index_N].to(device, torch.float32)
+            student_N = inputs.is_student_T[index_N].to(device)
+            total_N = total_N + algorithm.guide.teacher_coef * hint_teacher_loss(logprobs_N, teacher_N) * student_N
+            # Summed here, divided in the policy: the sampled-token estimate of KL(pi(.|q) || pi(.|q,h)).
+            metrics["actor/teacher_kl_sum"] = ((logprobs_N.detach() - teacher_N) * student_N).sum()
+            metrics["actor/teacher_tokens"] = student_N.sum().float()
         loss = aggregate_loss(
             total_N, mask_N, micro_batch.seq_ids_N, mode=algorithm.loss_aggregation,
             global_num_tokens=inputs.global_num_tokens, global_num_seqs=inputs.global_num_seqs,
@@ -144,7 +157,10 @@ def gradients_are_finite(model_chunks: list[torch.nn.Module], *, device: torch.d
 
 # How each metric combines over micro-batches and data-parallel ranks: counts and the loss add up, extremes take
 # max/min, and per-micro-batch means are weighted by the micro-batch's token count.
-_SUMMED = ("loss", "critic/loss", "num_tokens", "actor/on_policy_tokens", "actor/off_policy_tokens")
+_SUMMED = (
+    "loss", "critic/loss", "num_tokens", "actor/on_policy_tokens", "actor/off_policy_tokens", "actor/teacher_kl_sum",
+    "actor/teacher_tokens",
+)  # fmt: skip
 # guide/shaping_gamma is a per-micro-batch value under gamma_scope=micro_batch: its token-weighted mean is logged.
 _MAXED = ("actor/ratio_max",)
 _MINNED = ("actor/ratio_min",)

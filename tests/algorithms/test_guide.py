@@ -13,6 +13,8 @@ from guide_mega.algorithms.guide import (
     guide_metrics,
     hint_level_updates,
     hint_reliance,
+    hint_teacher_loss,
+    hint_teacher_sequences,
     hinted_prompt,
     level_metrics,
     merge_guided_groups,
@@ -245,3 +247,41 @@ def test_level_metrics_and_trainable_group_yield():
     assert both["guide/level0_groups"] == 3.0 and both["guide/level0_success_rate"] == pytest.approx(4 / 10)
     groups = [_group("a", [True, False]), _group("b", [True, True]), _group("c", [False, True])]
     assert trainable_group_yield(groups, generated_tokens=500) == {"guide/trainable_groups_per_1k_tokens": 4.0}
+
+
+def test_hint_teacher_sequences_point_hint_free_samples_at_a_guided_sample_of_their_group():
+    group_ids_S = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    is_guided_S = torch.tensor([False, False, True, True, False, False, False, True])
+    teacher_S = hint_teacher_sequences(group_ids_S, is_guided_S)
+    assert teacher_S.tolist() == [2, 2, -1, -1, -1, -1, 7, -1]  # group 1 has no guided sample: no teacher
+
+
+def test_hint_teacher_gradient_matches_a_float64_reference():
+    generator = torch.Generator().manual_seed(19)
+    logits_TV = torch.randn(6, 11, generator=generator, requires_grad=True)
+    teacher_logits_TV = torch.randn(6, 11, generator=generator, requires_grad=True)
+    tokens_T = torch.randint(0, 11, (6,), generator=generator)
+    picked = torch.arange(6), tokens_T
+    loss = hint_teacher_loss(logits_TV.log_softmax(-1)[picked], teacher_logits_TV.log_softmax(-1)[picked]).sum()
+    loss.backward()
+    # d/dz 1/2 (log p_o - log q_o)^2 = (log p_o - log q_o) (onehot(o) - p), in float64.
+    logp_TV, logq_TV = logits_TV.detach().double().log_softmax(-1), teacher_logits_TV.detach().double().log_softmax(-1)
+    onehot_TV = torch.nn.functional.one_hot(tokens_T, 11).double()
+    expected_TV = (logp_TV - logq_TV)[picked][:, None] * (onehot_TV - logp_TV.exp())
+    torch.testing.assert_close(logits_TV.grad.double(), expected_TV, rtol=1e-5, atol=1e-6)
+    assert teacher_logits_TV.grad is None or not teacher_logits_TV.grad.any()  # the teacher is a stop-gradient
+
+
+def test_hint_teacher_gradient_is_the_reverse_kl_gradient_in_expectation():
+    """Averaged over the sampled token o ~ pi(.|q) exactly (every token, weighted by its probability), the
+    sampled-token gradient is the full-vocabulary gradient of KL(pi(.|q) || pi(.|q,h)), in float64."""
+    generator = torch.Generator().manual_seed(7)
+    logits_V = torch.randn(13, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher_V = torch.randn(13, generator=generator, dtype=torch.float64)
+    logp_V, logq_V = logits_V.log_softmax(-1), teacher_V.log_softmax(-1)
+    (kl_grad_V,) = torch.autograd.grad((logp_V.exp() * (logp_V - logq_V)).sum(), logits_V, retain_graph=True)
+    expected_V = torch.zeros(13, dtype=torch.float64)
+    for token in range(13):
+        (grad_V,) = torch.autograd.grad(hint_teacher_loss(logp_V[token], logq_V[token]), logits_V, retain_graph=True)
+        expected_V += logp_V[token].exp().detach() * grad_V
+    torch.testing.assert_close(expected_V, kl_grad_V, rtol=1e-10, atol=1e-12)

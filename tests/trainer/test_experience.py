@@ -294,3 +294,24 @@ def test_self_written_hints_are_leak_checked_cached_and_graded(reward_pool):
                                             max_new_tokens=16)  # fmt: skip
     assert len(writer.calls) == 1 and new == {} and again[0].prompt.hint == ["Count the letters."]
     assert cached.as_dict()["self_hint/cache_hits"] == 2
+
+
+@pytest.mark.parametrize("teacher_coef", [0.5, 0.0])
+def test_the_hint_teacher_term_teaches_the_failed_hint_free_samples_of_pooled_groups(tiny_run_config, teacher_coef):
+    """merge=pool keeps the failed hint-free samples beside the guided ones; with teacher_coef > 0 each of their
+    tokens gets the teacher term (under its group's hinted prompt), and none otherwise."""
+    trainer, _ = _say_one_trainer(
+        tiny_run_config, f"teacher{teacher_coef}", lambda index: (0, 2),
+        **{"algorithm.guide.merge": "pool", "algorithm.guide.teacher_coef": teacher_coef},
+    )  # fmt: skip
+    try:
+        metrics = trainer.step()
+    finally:
+        trainer.close()
+    assert metrics["guide/num_guided_groups"] == 2 and metrics["train/skipped_step"] == 0.0
+    if teacher_coef:
+        assert metrics["actor/teacher_tokens"] == 2 * 4 * 3  # 2 groups x 4 failed samples x 3 response tokens
+        # The unigram model ignores its context, so the hinted and hint-free logprobs agree: no gap to teach.
+        assert metrics["actor/teacher_kl"] == pytest.approx(0.0, abs=1e-5)
+    else:
+        assert "actor/teacher_tokens" not in metrics and "actor/teacher_kl" not in metrics
