@@ -6,7 +6,9 @@ A resume checkpoint `<root>/step_<n>` holds the sharded model and distributed-op
 `<root>/.tmp_step_<n>` and renamed when complete, so a crash mid-save leaves no directory that looks valid.
 `guide_mega.json` also lists every file with its size and CRC-32: `verify_checkpoint` finds a file missing,
 truncated or corrupt, `newest_valid_checkpoint` skips such checkpoints for the previous one, and loading recomputes
-the fingerprint and refuses a checkpoint whose weights do not match it.
+the fingerprint and refuses a checkpoint whose weights do not match it. A checkpoint may come from an untrusted
+place: the manifest must list exactly the files present, and every pickle Megatron would read passes an allowlist
+first (`checkpoint_pickles.py`). A failed save or load is a CheckpointError, on every rank.
 """
 
 from __future__ import annotations
