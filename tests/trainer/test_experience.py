@@ -315,3 +315,34 @@ def test_the_hint_teacher_term_teaches_the_failed_hint_free_samples_of_pooled_gr
         assert metrics["actor/teacher_kl"] == pytest.approx(0.0, abs=1e-5)
     else:
         assert "actor/teacher_tokens" not in metrics and "actor/teacher_kl" not in metrics
+
+
+def test_self_written_hints_through_the_trainer_are_written_once_and_guide_the_wave(tiny_run_config, tmp_path):
+    """hint_source=self on problems without hints: the engine writes each problem's hints in the first step (two
+    levels each), the hinted wave samples under them, and the next step takes them from the loader's cache."""
+    path = tmp_path / "no_hints.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"Say one ({i}).", "answer": "1"} for i in range(2)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    trainer = build_trainer(
+        tiny_run_config("self", **{"data.source": str(path), "algorithm.guide.hint_source": "self"})
+    )
+    tokenize = trainer.rollout.tokenize
+    hinted = {tuple(tokenize(f"{row['prompt']}\nHint: It is small.")) for row in rows}
+    plain = {tuple(tokenize(row["prompt"])) for row in rows}
+    # Hint-free: all wrong; hinted: 2 of 4 right; any other request is a hint to write: 'It is small.'
+    solved = lambda ids: 0 if tuple(ids) in plain else 2 if tuple(ids) in hinted else 4  # noqa: E731
+    writes = lambda ids: "1" if tuple(ids) in hinted else "It is small."  # noqa: E731
+    engine = ScriptedEngine(solved, writes, group_size=4)
+    rollout = dataclasses.replace(trainer.rollout, engine=engine)
+    trainer = Trainer(trainer.config, policy=trainer.policy, critic=None, rollout=rollout, engines=trainer.engines,
+                      run_log=trainer.run_log)  # fmt: skip
+    try:
+        first, second = _step(trainer), _step(trainer)
+    finally:
+        trainer.close()
+    assert first["self_hint/num_written"] == 4 and first["self_hint/leaks_rejected"] == 0
+    assert first["guide/num_guided_groups"] == 2 and first["guide/guided_success_rate"] == 0.5
+    assert first["guide/num_unsolved_without_hint"] == 0 and first["self_hint/generated_tokens"] == 12
+    assert second["self_hint/cache_hits"] == 4 and second["self_hint/num_written"] == 0
+    assert [count for count, _ in engine.calls] == [8, 4, 8, 8, 8]  # step 1: wave, 4 hints, hinted; step 2: no hints
+    assert set(trainer.rollout.loader.self_hints.values()) == {"It is small."}
