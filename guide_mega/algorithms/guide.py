@@ -1,15 +1,16 @@
-"""Guide: find unsolved groups, build hinted prompts, merge guided rollouts, and measure hint reliance.
+"""Guide: find unsolved groups, build hinted prompts, merge guided rollouts, and measure hint reliance; beyond the
+paper, graded hints whose level adapts per problem, and the hint-teacher term (docs/algorithms.md).
 
 Vocabulary: a *hint* is the guidance text; a rollout sampled with a hint in its context is a *guided rollout*;
-a group whose success rate is at or below the threshold is *unsolved*. Shape legend: G groups, T tokens,
-S sequences.
+a group whose success rate is at or below the threshold is *unsolved*; a *hint level* indexes a prompt's graded
+hints, weakest first. Shape legend: G groups, T tokens, S sequences.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -79,7 +80,7 @@ class HintPlan:
     group_indices: list[int]
     prompts: list[PromptContent]
     without_hint: list[int]
-    levels: list[int] = field(default_factory=list)
+    levels: list[int]
     """The hint level of each planned group (index into its prompt's graded hints, weakest first)."""
 
 
