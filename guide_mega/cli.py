@@ -111,7 +111,10 @@ def _analyze(args: argparse.Namespace) -> int:
     from guide_mega.evaluation.plots import plot_decomposition, plot_pass_at_k
 
     before, after = EvalResults.load(args.before), EvalResults.load(args.after)
-    k = args.k or largest_valid_k(before, after)
+    largest = largest_valid_k(before, after)
+    k = args.k or largest
+    if not 1 <= k <= largest:
+        raise ValueError(f"--k {k}: must be in [1, {largest}] (the fewest samples of any problem in the two files)")
     decomposition = decompose_pass_at_1_change(
         before, after, k=k, solved_threshold=args.solved_threshold, reach_threshold=args.reach_threshold
     )

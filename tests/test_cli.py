@@ -50,3 +50,21 @@ def test_analyze_bad_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[]")
     assert main(["analyze", "--before", str(tmp_path / "bad.json"), "--after", str(tmp_path / "bad.json")]) == 2
     assert "bad.json" in capsys.readouterr().err
+
+
+def test_analyze_defaults_to_the_largest_k_both_files_allow(tmp_path, capsys):
+    _write(tmp_path / "before.json", [0, 1, 3])
+    _write(tmp_path / "after.json", [3, 4, 0])
+    argv = ["analyze", "--before", str(tmp_path / "before.json"), "--after", str(tmp_path / "after.json")]
+    assert main(argv + ["--output", str(tmp_path / "analysis")]) == 0
+    assert json.loads((tmp_path / "analysis" / "decomposition.json").read_text())["k"] == 4
+    assert "(within reach: pass@4)" in capsys.readouterr().out
+
+
+def test_analyze_k_beyond_the_samples_is_a_clear_error(tmp_path, capsys):
+    _write(tmp_path / "before.json", [0, 1, 3])
+    argv = ["analyze", "--before", str(tmp_path / "before.json"), "--after", str(tmp_path / "before.json")]
+    assert main(argv + ["--k", "16", "--output", str(tmp_path / "analysis")]) == 2
+    assert capsys.readouterr().err == (
+        "guide-mega analyze: error: --k 16: must be in [1, 4] (the fewest samples of any problem in the two files)\n"
+    )

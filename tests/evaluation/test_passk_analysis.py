@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from guide_mega.evaluation.analysis import decompose_pass_at_1_change, hint_lift
+from guide_mega.evaluation.analysis import decompose_pass_at_1_change, hint_lift, largest_valid_k
 from guide_mega.evaluation.metrics_file import read_metrics
 from guide_mega.evaluation.passk import EvalResults, ProblemResult, pass_at_k, summary_markdown
 from guide_mega.evaluation.plots import plot_decomposition, plot_pass_at_k, plot_training_curves
@@ -116,3 +116,15 @@ def test_plots_write_pngs(tmp_path):
     metrics.write_text('{"step": 1}\nnot json\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         read_metrics(metrics)
+
+
+def test_largest_valid_k_is_the_fewest_samples_of_any_problem():
+    eight = EvalResults(problems=[ProblemResult(id="a", num_samples=8, num_correct=1)])
+    mixed = EvalResults(
+        problems=[
+            ProblemResult(id="a", num_samples=16, num_correct=0),
+            ProblemResult(id="b", num_samples=6, num_correct=6),
+        ]
+    )
+    assert largest_valid_k(eight) == 8
+    assert largest_valid_k(eight, mixed) == 6
