@@ -92,11 +92,8 @@ class RunLog:
         self._samples_per_step = settings.samples_per_step
         self.samples_file = SampleFile(self.run_dir / "samples.jsonl", max_bytes=int(settings.samples_max_mb * 2**20))
         self._pending_samples: list[dict] = []
+        self._config = config
         self._wandb = None
-        if settings.wandb.enabled:
-            from guide_mega.wandb_log import WandbLog
-
-            self._wandb = WandbLog(config, self.run_dir)
         self.per_step_lines = not (settings.progress_bar and _on_terminal())
         self._bar = tqdm(total=total_steps, desc=BAR_LABEL, unit="step", disable=self.per_step_lines)
 
@@ -112,6 +109,10 @@ class RunLog:
         self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.rows = kept
         self.samples_file.restart_after(first_step)
+        if self._config.logging.wandb.enabled:
+            from guide_mega.wandb_log import WandbLog
+
+            self._wandb = WandbLog(self._config, self.run_dir, resume=first_step > 0)
         self._bar.reset(total=self._bar.total)
         self._bar.update(first_step)
 

@@ -6,19 +6,27 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 from guide_mega.config import Config, config_to_dict
 from guide_mega.rollout_samples import SAMPLE_FIELDS
 
+# The W&B run id of a run directory, so that a resumed run continues the same W&B run.
+RUN_ID_FILE = "wandb_run_id"
+
 
 class WandbLog:
-    """A W&B run for rank 0's log: online, or offline under `<run_dir>/wandb` with no network."""
+    """A W&B run for rank 0's log: online, or offline under `<run_dir>/wandb` with no network. A resumed run
+    (`resume`) continues the W&B run its directory started; a fresh one starts a new W&B run."""
 
-    def __init__(self, config: Config, run_dir: Path) -> None:
+    def __init__(self, config: Config, run_dir: Path, *, resume: bool) -> None:
         import wandb
 
         settings = config.logging.wandb
+        id_file = run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
         self._wandb = wandb
         self._run = wandb.init(
             project=settings.project,
@@ -28,6 +36,8 @@ class WandbLog:
             dir=str(run_dir),
             config=config_to_dict(config),
             tags=list(settings.tags) or None,
+            id=run_id,
+            resume="allow",
         )
 
     def log(self, step: int, metrics: dict[str, float | None], samples: list[dict]) -> None:

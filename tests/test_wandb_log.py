@@ -13,6 +13,7 @@ from guide_mega.config import ConfigError, load_config
 from guide_mega.rollout_samples import SAMPLE_FIELDS
 from guide_mega.run_log import RunLog
 from guide_mega.types import Prompt, Rollout, RolloutGroup
+from guide_mega.wandb_log import RUN_ID_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,25 @@ def test_offline_run_holds_the_metrics_and_the_samples_table(tmp_path, monkeypat
     while b"rollout/reward_mean" not in history.read_bytes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert b"rollout/reward_mean" in history.read_bytes()
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_one_starts_anew(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    config = _config(tmp_path, **{"logging.wandb.enabled": True, "logging.wandb.mode": "offline"})
+    run_ids = []
+    for first_step in (0, 1, 0):  # fresh, resumed after step 1, fresh again (checkpoint.resume=never)
+        log = RunLog(tmp_path / "run", config, total_steps=2)
+        log.begin(first_step)
+        log.log(first_step + 1, {"loss": 0.5})
+        log.close()
+        run_ids.append((tmp_path / "run" / RUN_ID_FILE).read_text().strip())
+    assert run_ids[0] == run_ids[1] != run_ids[2]
+    # Offline, each start writes a folder named by the time and the run id.
+    folders = [path.name for path in (tmp_path / "run" / "wandb").glob("offline-run-*")]
+    assert {run_id for run_id in run_ids for folder in folders if f"-{run_id}" in folder} == set(run_ids)
+    assert all(any(f"-{run_id}" in folder for run_id in run_ids) for folder in folders)
 
 
 def test_enabled_without_the_package_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
