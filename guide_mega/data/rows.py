@@ -43,6 +43,17 @@ class WrittenFloat(float):
         return number
 
 
+def _plain_numbers(value: Any) -> Any:
+    """`value` with every WrittenFloat a plain float again: only an answer keeps its written text."""
+    if isinstance(value, WrittenFloat):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    return value
+
+
 # Lists of the code reward's `metadata["tests"]` (rewards/code.py reads them); a string there would be read one
 # character per test.
 _CODE_TEST_LISTS = ("inputs", "outputs", "asserts")
@@ -139,7 +150,7 @@ def prompt_from_native_row(row: Any, *, where: str, default_id: str, default_sou
         answer=_answer(row["answer"], where=where, field="answer"),
         hint=_hint(row, where=where),
         source=_optional_text(row, "source", where=where) or default_source,
-        metadata=dict(metadata),
+        metadata=_plain_numbers(metadata),
     )
 
 
@@ -174,5 +185,5 @@ def prompt_from_guide_rl_row(row: Any, *, where: str, default_id: str) -> Prompt
         answer=_answer(reward_model["ground_truth"], where=where, field="reward_model.ground_truth"),
         hinted_prompt=_guide_rl_hinted_prompt(row, prompt, where=where),
         source=source,
-        metadata={name: row[name] for name in _GUIDE_RL_METADATA_FIELDS if row.get(name) is not None},
+        metadata={name: _plain_numbers(row[name]) for name in _GUIDE_RL_METADATA_FIELDS if row.get(name) is not None},
     )
