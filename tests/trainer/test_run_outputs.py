@@ -1,6 +1,7 @@
 """What `guide-mega train` and `guide-mega eval` leave for a person to read, through the real entry point in a
 subprocess on the tiny unigram Llama: a line per step when output goes to a file, samples.jsonl, the closing
-sentences computed from the run's own metrics, the curves, and eval's generations.jsonl."""
+sentences computed from the run's own metrics, the curves, and eval's generations.jsonl; and, in process, the phases
+a step reports to the progress bar."""
 
 import json
 import subprocess
@@ -75,3 +76,21 @@ def test_eval_writes_every_generation(tiny_run_config, unigram_model_dir, tmp_pa
         assert sum(row["greedy"] for row in rows) == 3
         assert {row["hint"] for row in rows} == {hint}
         assert {row["prompt_id"] for row in rows} == {"q0", "q1", "q2"}
+
+
+def test_a_step_reports_each_phase_as_it_enters_it(tiny_run_config, monkeypatch):
+    """What the progress bar names during a step, in DESIGN §2's order."""
+    from guide_mega.build import build_trainer
+    from guide_mega.run_log import RunLog
+
+    phases = []
+    monkeypatch.setattr(RunLog, "phase", lambda self, name: phases.append(name))
+    trainer = build_trainer(tiny_run_config("phases", **{"train.steps": 1}))
+    try:
+        trainer.run_log.begin(0)
+        trainer.step()
+    finally:
+        trainer.run_log.close()
+        trainer.close()
+    main = ["rollout", "guide wave", "old_logprobs", "train", "weight_sync"]
+    assert [phase for phase in phases if phase in main] == main
