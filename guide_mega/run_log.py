@@ -177,6 +177,7 @@ class RunLog:
         return "\n".join(lines) + "\n"
 
     def close(self) -> None:
+        self._bar.set_description_str(BAR_LABEL, refresh=False)  # the final bar names no phase
         self._bar.close()
         if self._writer is not None:
             self._writer.close()

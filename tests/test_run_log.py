@@ -55,10 +55,13 @@ def test_on_a_terminal_the_bar_names_the_running_phase(tmp_path, capsys, monkeyp
     log.phase("old_logprobs")
     assert "guide-mega [old logprobs]" in capsys.readouterr().err
     log.log(1, {"rollout/reward_mean": 0.5})
+    log.phase("checkpoint")
+    assert "guide-mega [checkpoint]" in capsys.readouterr().err
     log.close()
     captured = capsys.readouterr()
     assert captured.out == ""  # no step lines beside a bar
-    assert "reward=0.5" in captured.err
+    final = captured.err.split("\r")[-1]
+    assert final.startswith("guide-mega:  50%") and "reward=0.5" in final, final  # 1 of 2 steps; no phase named
 
 
 def test_a_step_hands_its_groups_and_the_log_writes_samples_and_counts_refusals(tmp_path):
