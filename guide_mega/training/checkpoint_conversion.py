@@ -29,6 +29,7 @@ from guide_mega.training.checkpoint import (
     MANIFEST_KEY,
     METADATA_FILE,
     CheckpointError,
+    checkpoint_failures_as_errors,
     file_manifest,
     save_hf_checkpoint,
     single_threaded_cpu_ops,
@@ -109,7 +110,7 @@ def hf_to_megatron(
         shutil.rmtree(temporary, ignore_errors=True)
         _copy_hf_config(hf_dir, temporary / HF_CONFIG_DIR)
     _barrier()
-    with single_threaded_cpu_ops():
+    with single_threaded_cpu_ops(), checkpoint_failures_as_errors(temporary, "saving"):
         dist_checkpointing.save({"model": module.sharded_state_dict()}, str(temporary))
     fingerprint = weight_fingerprint(module)
     _barrier()
@@ -170,7 +171,8 @@ def load_megatron_checkpoint(
     parallel = parallel or ParallelConfig(tensor=metadata["tensor_parallel"], pipeline=metadata["pipeline_parallel"])
     requested = dtype or metadata.get("dtype", "float32")
     module, layout = _build_model(arch, parallel, requested)
-    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(checkpoint_dir))
+    with checkpoint_failures_as_errors(checkpoint_dir, "loading"):
+        loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(checkpoint_dir))
     with torch.no_grad():
         module.load_state_dict(loaded["model"])
     fingerprint, expected = weight_fingerprint(module), metadata["weight_fingerprint"]

@@ -93,3 +93,21 @@ def test_tensor_parallel_conversion_round_trip(tiny_checkpoints, tmp_path):
     assert original.keys() == round_trip.keys()
     for name, tensor in original.items():
         assert torch.equal(round_trip[name], tensor), name
+
+
+def test_a_failed_read_while_converting_is_a_clear_error(tiny_checkpoints, tmp_path, single_process_megatron):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from guide_mega.training.checkpoint import CheckpointError
+
+    megatron_dir = tmp_path / "megatron"
+    hf_to_megatron(tiny_checkpoints["llama"], megatron_dir)
+
+    def failing_read(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    # torch reports a failed shard read as CheckpointException, a BaseException the CLI's error line would miss.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FileSystemReader, "read_data", failing_read)
+        with pytest.raises(CheckpointError, match=r"megatron: loading failed on rank 0: .*Input/output error"):
+            load_megatron_checkpoint(megatron_dir)
