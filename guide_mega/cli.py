@@ -165,13 +165,14 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_report(config, config_path: str, *, arch: str | None, reserves: dict) -> tuple[str, str | None]:
     """The memory plan as text (ending 'plan: fits' when it fits), and the overflow verdict or None."""
-    from guide_mega.data.embedded_model import EMBEDDED_PREFIX, resolve_model_path
+    from guide_mega.data.embedded_model import cached_hub_snapshot, is_hub_id
     from guide_mega.planning import format_plan, model_shape, overflow_message, plan_memory
     from guide_mega.planning.memory import Reserves
 
     path = config.model.path
-    if not path.startswith(EMBEDDED_PREFIX):  # a hub id is read from its cached snapshot
-        path = str(resolve_model_path(path))
+    # A cached hub model's sizes come from its config.json; an uncached one is looked up by name in the table.
+    snapshot = cached_hub_snapshot(path) if is_hub_id(path) else None
+    path = str(snapshot) if snapshot is not None else path
     given = {key: value for key, value in reserves.items() if value is not None}
     plan = plan_memory(config, model_shape(path, arch), Reserves(**given))
     verdict = overflow_message(plan)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from guide_mega.config import Config, DataConfig, RolloutConfig
+from guide_mega.config import Config, DataConfig, RewardConfig, RolloutConfig
 from guide_mega.data.embedded_model import EMBEDDED_PREFIX, embedded_gguf_path, resolve_model_path
 from guide_mega.data.sources import check_prompt_file, is_prompt_file, load_prompt_source
+from guide_mega.rewards.custom import is_custom_reward
 from guide_mega.rewards.verifiers import check_reward_name
 
 SUPPORTED_ARCHITECTURES = "Llama-3 (model_type llama), Qwen2 / Qwen2.5 (qwen2) and Qwen3 (qwen3) dense decoders"
@@ -27,6 +28,20 @@ def check_prompt_source(source: str, data: DataConfig, *, key: str) -> None:
         check_prompt_file(source, data.source_options, key=key)
     else:
         load_prompt_source(source, data, key=key)
+
+
+def check_reward(reward: RewardConfig) -> None:
+    """reward.name is a registered verifier or an importable function of the right signature; a function of one's
+    own takes none of the built-in verifiers' answer-format options (they would be silently ignored)."""
+    check_reward_name(reward.name)
+    if not is_custom_reward(reward.name):
+        return
+    for key in ("format_gate", "format_bonus", "lenient"):
+        if getattr(reward, key):
+            raise ValueError(
+                f"reward.{key}: applies to the built-in verifiers only; {reward.name} decides its reward itself "
+                f"(remove reward.{key})"
+            )
 
 
 def check_rollout_engine(rollout: RolloutConfig) -> None:
@@ -65,7 +80,7 @@ def check_model_path(path: str, *, key: str = "model.path") -> None:
 
 def check_run_inputs(config: Config) -> None:
     """Everything `train` can check before it loads a model: reward, data sources, rollout engine, model."""
-    check_reward_name(config.reward.name)
+    check_reward(config.reward)
     check_prompt_source(config.data.source, config.data, key="data.source")
     if config.data.eval_source:
         eval_data = DataConfig(source_options=config.data.eval_source_options, schema=config.data.schema)

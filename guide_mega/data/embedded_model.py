@@ -106,27 +106,37 @@ def ensure_embedded_model(name: str, *, cache_dir: str | Path | None = None) -> 
     return target
 
 
-def cached_hub_model(repo_id: str) -> Path:
-    """The local HF cache's snapshot of hub model `repo_id`; a ValueError when it is not there (nothing is
-    downloaded: the training nodes may have no network)."""
-    from huggingface_hub import constants, snapshot_download
+def is_hub_id(path: str) -> bool:
+    """Whether model path `path` names a hub model ('org/name') rather than a local directory."""
+    return not Path(path).exists() and _HUB_ID.match(path) is not None
+
+
+def cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The local HF cache's snapshot of hub model `repo_id`, or None; nothing is downloaded (training nodes may
+    have no network)."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise ValueError(
-            f"model.path: {repo_id!r} is not a local directory and not in the local HF cache "
-            f"({constants.HF_HUB_CACHE}); guide-mega downloads nothing: fetch it first (`hf download {repo_id}`) or "
-            "give its directory"
-        ) from None
+        return None
 
 
 def resolve_model_path(path: str, *, cache_dir: str | Path | None = None) -> Path:
     """`model.path` as a local HF directory: 'embedded:<name>' is converted on first use, an 'org/name' hub id that
-    is no local path comes from the local HF cache, anything else is kept."""
+    is no local path comes from the local HF cache (a ValueError if it is not there), anything else is kept."""
     if path.startswith(EMBEDDED_PREFIX):
         return ensure_embedded_model(path.removeprefix(EMBEDDED_PREFIX), cache_dir=cache_dir)
-    if not Path(path).exists() and _HUB_ID.match(path):
-        return cached_hub_model(path)
-    return Path(path)
+    if not is_hub_id(path):
+        return Path(path)
+    snapshot = cached_hub_snapshot(path)
+    if snapshot is None:
+        from huggingface_hub import constants
+
+        raise ValueError(
+            f"model.path: {path!r} is not a local directory and not in the local HF cache "
+            f"({constants.HF_HUB_CACHE}); guide-mega downloads nothing: fetch it first (`hf download {path}`) or "
+            "give its directory"
+        )
+    return snapshot

@@ -104,13 +104,13 @@ def evaluate_checkpoint(
     summaries. With `held_out_from` (a training config), problems of its training data are left out and counted."""
     from guide_mega.data import render_prompt_ids
     from guide_mega.evaluation.plots import plot_pass_at_k
+    from guide_mega.preflight import check_reward
     from guide_mega.rewards import RewardPool
-    from guide_mega.rewards.verifiers import check_reward_name
     from guide_mega.rollout.hf_engine import HFEngine
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    check_reward_name(config.reward.name)
+    check_reward(config.reward)
     problems, counts = _load_problems(config, source, limit, held_out_from)
     model_dir = resolve_checkpoint(checkpoint, output)
     engine = HFEngine.from_config(model_dir, config.rollout, device="cuda" if torch.cuda.is_available() else "cpu")

@@ -112,3 +112,14 @@ def test_a_reward_module_that_fails_to_import_is_a_config_error(tmp_path):
     (tmp_path / "bad.py").write_text("import nothing_here_xyz\n")
     with pytest.raises(ConfigError, match=r"reward.name: importing .*bad.py failed: ModuleNotFoundError"):
         check_reward_name(f"{tmp_path}/bad.py:score")
+
+
+@pytest.mark.parametrize("option", ["format_gate=true", "format_bonus=0.1", "lenient=true"])
+def test_built_in_answer_options_are_refused_for_an_own_function(reward_file, option):
+    from guide_mega.config import load_config
+    from guide_mega.preflight import check_reward
+
+    check_reward(load_config(None, [f"reward.name={reward_file}:score"]).reward)
+    key = option.partition("=")[0]
+    with pytest.raises(ValueError, match=rf"^reward.{key}: applies to the built-in verifiers only; .*my_reward.py"):
+        check_reward(load_config(None, [f"reward.name={reward_file}:score", f"reward.{option}"]).reward)

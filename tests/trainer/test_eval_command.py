@@ -33,6 +33,17 @@ def test_eval_writes_results_hint_lift_and_plot(tiny_run_config, unigram_model_d
 
 
 def test_eval_rejects_a_directory_without_a_model(tmp_path, capsys):
+    data = tmp_path / "x.jsonl"
+    data.write_text(json.dumps({"prompt": "Say one.", "answer": "1"}) + "\n")
+    code = main(["eval", "--checkpoint", str(tmp_path), "--data", str(data), "--output", str(tmp_path / "o")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"guide-mega eval: error: --checkpoint {tmp_path}: not an HF model directory (no config.json there or in "
+        f"{tmp_path / 'hf'}) and not a Megatron checkpoint (no guide_mega.json)\n"
+    )
+
+
+def test_eval_checks_its_data_before_loading_a_model(tmp_path, capsys):
     code = main(["eval", "--checkpoint", str(tmp_path), "--data", "x.jsonl", "--output", str(tmp_path / "o")])
     assert code == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert capsys.readouterr().err == "guide-mega eval: error: --data: no such prompt file: x.jsonl\n"
