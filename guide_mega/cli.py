@@ -69,7 +69,10 @@ def _eval(args: argparse.Namespace) -> int:
     from guide_mega.evaluation.checkpoint_eval import eval_config_path, evaluate_checkpoint
     from guide_mega.evaluation.passk import summary_markdown
 
-    config = load_config(eval_config_path(args.checkpoint, args.config), args.overrides)
+    config_path = eval_config_path(args.checkpoint, args.config)
+    if config_path is not None and args.config is None:
+        print(f"config: {config_path} (the checkpoint's run)")
+    config = load_config(config_path, args.overrides)
     source = args.data or config.data.eval_source or config.data.source
     if not source:
         raise ValueError("no problems to evaluate: pass --data or set data.eval_source / data.source in --config")

@@ -31,6 +31,8 @@ def find_run_config(checkpoint: str | Path) -> Path | None:
     """The `config.yaml` of the run that wrote trainer checkpoint `checkpoint` (`<run_dir>/checkpoints/step_<n>`,
     so the run directory is its grandparent; a checkpoint.dir of its own puts it in the parent); None if neither."""
     checkpoint = Path(checkpoint).resolve()
+    if not checkpoint.is_dir():  # embedded:NAME, a hub id: no run of ours
+        return None
     for directory in (checkpoint.parent.parent, checkpoint.parent):
         if (directory / RUN_CONFIG_FILE).is_file():
             return directory / RUN_CONFIG_FILE
@@ -71,14 +73,20 @@ def convert(
     config.yaml). tensor / pipeline: the parallel layout to build (default: one process, or the checkpoint's
     layout when reading one). dtype: default the source's (float32 for anything but bfloat16).
     """
+    from guide_mega.preflight import check_model_dir
+    from guide_mega.training.checkpoint import METADATA_FILE
     from guide_mega.training.checkpoint_conversion import hf_to_megatron, megatron_to_hf
 
     parallel = None
     if tensor or pipeline:
         parallel = ParallelConfig(tensor=tensor or 1, pipeline=pipeline or 1)
     if direction == "hf-to-megatron":
-        return hf_to_megatron(resolve_model_path(str(source)), output, parallel=parallel, dtype=dtype)
+        model_dir = resolve_model_path(str(source))
+        check_model_dir(model_dir, key="source")
+        return hf_to_megatron(model_dir, output, parallel=parallel, dtype=dtype)
     if direction == "megatron-to-hf":
+        if not (Path(source) / METADATA_FILE).is_file():
+            raise ValueError(f"source: {source} is not a Megatron checkpoint (no {METADATA_FILE})")
         base = base_model_dir(source, hf_config)
         return megatron_to_hf(source, output, hf_config_dir=base, parallel=parallel, dtype=dtype)
     raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")

@@ -24,6 +24,8 @@ def test_the_run_config_is_two_levels_up_or_beside_a_checkpoint_dir_of_its_own(t
     (tmp_path / "elsewhere" / "config.yaml").write_text("{}\n")
     assert find_run_config(tmp_path / "elsewhere" / "step_1") == tmp_path / "elsewhere" / "config.yaml"
     assert find_run_config(tmp_path / "nowhere" / "a" / "b") is None
+    (tmp_path / "config.yaml").write_text("{}\n")
+    assert find_run_config(tmp_path / "embedded:smollm2-135m-instruct") is None  # not a directory: no run of ours
 
 
 def test_base_model_comes_from_the_flag_the_checkpoint_or_the_run_config(tmp_path):

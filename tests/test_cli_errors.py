@@ -133,3 +133,11 @@ def test_user_error_under_torchrun_is_one_line_per_rank_and_no_rank_traceback():
     assert result.returncode != 0
     assert output.count("guide-mega train: error: data.source: no such prompt file: missing.jsonl") == 2, output
     assert "[rank0]" not in output and "[rank1]" not in output, output
+
+
+def test_convert_names_a_source_that_is_not_a_checkpoint(tmp_path):
+    missing = tmp_path / "nothing"
+    line = first_error_line("convert", "hf-to-megatron", str(missing), str(tmp_path / "out"))
+    assert line == f"guide-mega convert: error: source: {missing} is not an HF model directory (no config.json there)"
+    line = first_error_line("convert", "megatron-to-hf", str(tmp_path), str(tmp_path / "out"))
+    assert line == f"guide-mega convert: error: source: {tmp_path} is not a Megatron checkpoint (no guide_mega.json)"
