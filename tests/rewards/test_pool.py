@@ -56,5 +56,5 @@ def test_reward_pool_counts_errors_without_crashing():
 
 
 def test_unknown_reward_fails_at_construction():
-    with pytest.raises(KeyError, match="unknown reward"):
+    with pytest.raises(ValueError, match="reward.name: unknown reward .nope.; registered:"):
         RewardPool.from_config(RewardConfig(name="nope"))
