@@ -150,8 +150,6 @@ def _build_evaluator(config: Config, engine, reward_pool, tokenize: Tokenize, tr
     from guide_mega.data import load_prompt_source
     from guide_mega.evaluation.runner import EvalSettings, PeriodicEvaluator
 
-    if not config.data.eval_source:
-        raise ValueError("train.eval_every needs data.eval_source (held-out problems)")
     eval_data = dataclasses.replace(config.data, source_options=config.data.eval_source_options)
     seen = {repr(prompt.prompt) for prompt in training_prompts}
     candidates = load_prompt_source(config.data.eval_source, eval_data, key="data.eval_source").prompts

@@ -524,6 +524,8 @@ def _cross_checks(config: Config) -> list[str]:
     for name in ("prompt", "hint"):
         if "{" + name + "}" not in guide.hint_template:
             errors.append(f"algorithm.guide.hint_template: must contain {{{name}}}, got {guide.hint_template!r}")
+    if config.train.eval_every and not config.data.eval_source:
+        errors.append("train.eval_every: needs data.eval_source (held-out problems)")
     if config.train.prompts_per_step % config.train.mini_batches_per_step:
         errors.append("train.mini_batches_per_step: must divide train.prompts_per_step")
     if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
