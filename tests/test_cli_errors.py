@@ -85,6 +85,14 @@ def test_context_parallel_is_refused_by_validation():
     )
 
 
+def test_eval_every_without_held_out_problems_is_refused_by_validation():
+    line = first_error_line("train", "--config", DEMO, "train.eval_every=2")
+    assert line == (
+        "guide-mega train: error: config error in command-line override 'train.eval_every=2': train.eval_every: "
+        "needs data.eval_source (held-out problems)"
+    )
+
+
 def test_hub_id_not_in_the_local_cache_downloads_nothing(tmp_path):
     line = first_error_line(
         "train", "--config", DEMO, "model.path=SomeOrg/some-model", env={"HF_HUB_CACHE": str(tmp_path)}
