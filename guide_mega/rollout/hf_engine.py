@@ -1,8 +1,9 @@
 """HFEngine: rollouts from a transformers causal LM on the CPU or one GPU (the embedded default and the tests).
 
-Sampling runs in `hf_decode.sample_batch` (our own KV-cache loop, not `generate`): each distinct prompt is
-prefilled once for all its samples, finished sequences leave the batch, and every sampled token's logprob is kept
-under `engine.py`'s convention, with exact finish positions for end-of-sequence tokens and stop strings.
+Sampling runs in `hf_decode.sample_requests` (our own KV-cache loop, not `generate`): `batch_size` decode slots
+kept full by continuous batching (a finished sequence's slot goes to the next waiting request), each distinct
+prompt prefilled once for all its samples, and every sampled token's logprob kept under `engine.py`'s convention,
+with exact finish positions for end-of-sequence tokens and stop strings.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from guide_mega.config import RolloutConfig
 from guide_mega.rollout.engine import WAKE_PARTS, Completion, SamplingParams, compare_weight_heads, weight_head
-from guide_mega.rollout.hf_decode import sample_batch
+from guide_mega.rollout.hf_decode import sample_requests
 
 logger = logging.getLogger(__name__)
 
 
 class HFEngine:
-    """A `RolloutEngine` over a transformers causal LM, sampling `batch_size` sequences at a time."""
+    """A `RolloutEngine` over a transformers causal LM, decoding up to `batch_size` sequences at a time."""
 
     def __init__(
         self,
@@ -54,8 +55,9 @@ class HFEngine:
     def generate(
         self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
     ) -> list[Completion]:
-        """Completions in request order, generated `batch_size` requests at a time; with `seeds`, each request from
-        its own random stream (the same tokens whatever the batch size and the other requests)."""
+        """Completions in request order, decoded `batch_size` at a time (a finished sequence's slot goes to the next
+        request); with `seeds`, each request from its own random stream (the same tokens whatever the batch size
+        and the other requests)."""
         if self._is_asleep:
             raise RuntimeError("HFEngine.generate called while asleep; call wake() first")
         if any(len(ids) == 0 for ids in requests):
@@ -64,18 +66,16 @@ class HFEngine:
             raise ValueError(f"HFEngine.generate: {len(seeds)} seeds for {len(requests)} requests")
         if sampling.seed is not None and seeds is None:
             torch.manual_seed(sampling.seed)
-        completions: list[Completion] = []
-        for start in range(0, len(requests), self.batch_size):
-            completions += sample_batch(
-                self.model,
-                requests[start : start + self.batch_size],
-                sampling,
-                tokenizer=self.tokenizer,
-                pad_id=self.pad_id,
-                stop_ids=set() if sampling.ignore_eos else self.eos_ids | set(sampling.stop_token_ids),
-                seeds=None if seeds is None else seeds[start : start + self.batch_size],
-            )
-        return completions
+        return sample_requests(
+            self.model,
+            requests,
+            sampling,
+            width=self.batch_size,
+            tokenizer=self.tokenizer,
+            pad_id=self.pad_id,
+            stop_ids=set() if sampling.ignore_eos else self.eos_ids | set(sampling.stop_token_ids),
+            seeds=seeds,
+        )
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
