@@ -1,6 +1,6 @@
 """The README's commands as written, on the tiny unigram model: a two-step run through the real `guide-mega train`,
-then the README's `train --dry-run`, `eval` (base model and the run's Megatron checkpoint, no --config: the run's
-own config.yaml), `analyze` with its defaults, and `convert` without --hf-config, each in a subprocess.
+then the README's `train --dry-run`, `doctor`, `eval` (base model and the run's Megatron checkpoint, no --config:
+the run's own config.yaml), `analyze` with its defaults, and `convert` without --hf-config, each in a subprocess.
 
 Only paths and sizes are substituted (the README's run directory, step and problem count, the embedded model);
 the options are the README's own."""
@@ -56,6 +56,8 @@ def test_readme_commands_run_as_written(tiny_run_config, unigram_model_dir, tmp_
 
     dry_run = run(readme_command("guide-mega train --config configs/demo_cpu.yaml --dry-run", {}), tmp_path)
     assert "plan: fits" in dry_run.stdout
+    doctor = run(readme_command("guide-mega doctor", {}), tmp_path)
+    assert "megatron-core" in doctor.stdout
 
     run(readme_command("guide-mega eval --checkpoint embedded:", substitutions), tmp_path)
     run(readme_command("guide-mega eval --checkpoint runs/demo/", substitutions), tmp_path)
