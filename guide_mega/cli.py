@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
     source = args.data or config.data.eval_source or config.data.source
     if not source:
         raise ValueError("no problems to evaluate: pass --data or set data.eval_source / data.source in --config")
-    ks = _parse_ks(args.k)
+    ks = _parse_ks(args.k, samples=args.samples)
     summaries = evaluate_checkpoint(
         config,
         checkpoint=args.checkpoint,
@@ -98,13 +98,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_ks(text: str) -> list[int]:
+def _parse_ks(text: str, *, samples: int) -> list[int]:
+    """eval's --k values, each in [1, --samples]."""
     try:
         ks = sorted({int(k) for k in text.split(",")})
     except ValueError:
         raise ValueError(f"--k: expected comma-separated integers, got {text!r}") from None
-    if ks[0] < 1:
-        raise ValueError(f"--k: every k must be >= 1, got {text!r}")
+    if ks[0] < 1 or ks[-1] > samples:
+        raise ValueError(f"--k {text}: every k must be in [1, --samples {samples}]")
     return ks
 
 

@@ -47,3 +47,9 @@ def test_eval_checks_its_data_before_loading_a_model(tmp_path, capsys):
     code = main(["eval", "--checkpoint", str(tmp_path), "--data", "x.jsonl", "--output", str(tmp_path / "o")])
     assert code == 2
     assert capsys.readouterr().err == "guide-mega eval: error: --data: no such prompt file: x.jsonl\n"
+
+
+def test_eval_refuses_a_k_beyond_its_samples(tmp_path, capsys):
+    code = main(["eval", "--checkpoint", str(tmp_path), "--data", "x.jsonl", "--samples", "4", "--k", "1,8"])
+    assert code == 2
+    assert capsys.readouterr().err == "guide-mega eval: error: --k 1,8: every k must be in [1, --samples 4]\n"
