@@ -59,7 +59,8 @@ def _dry_run(config, config_path: str) -> int:
     from guide_mega.config import dump_config
 
     print(dump_config(config), end="")
-    print(_plan_report(config, config_path, arch=None, reserves={})[0])
+    report, verdict = _plan_report(config, config_path, arch=None, reserves={})
+    print(report if verdict is None else f"{report}\n{verdict}")
     print("dry run: the inputs check out; no model was loaded")
     return 0
 
