@@ -1,4 +1,5 @@
-"""The rollout stages of a step (DESIGN.md §2): sample groups, score them, Guide's hinted wave.
+"""The rollout stages of a step (DESIGN.md §2): sample groups, score them, Guide's hinted wave (escalating graded
+hints within the step), and the hints the policy writes itself.
 
 Each stage takes what it needs and returns its result with its own `Metrics`; `Trainer.step` calls them in the
 order of the paper and adds the metrics up. They talk to the engine through the `RolloutEngine` protocol and to
