@@ -176,15 +176,13 @@ def merge_guided_groups(
     return merged, dropped
 
 
-def next_hint_level(
-    level: int, *, num_levels: int, guided_success: float | None, target: float, tolerance: float
-) -> int:
-    """A problem's next start level from its hinted wave's success rate at `level` (None: solved without a hint,
-    so the hint steps down): up below target - tolerance, down above target + tolerance, within [0, num_levels)."""
-    if guided_success is None or guided_success > target + tolerance:
-        return max(level - 1, 0)
+def next_hint_level(level: int, *, num_levels: int, guided_success: float, target: float, tolerance: float) -> int:
+    """A problem's next start level from its hinted wave's success rate at `level`: up below target - tolerance,
+    down above target + tolerance, within [0, num_levels)."""
     if guided_success < target - tolerance:
         return min(level + 1, num_levels - 1)
+    if guided_success > target + tolerance:
+        return max(level - 1, 0)
     return level
 
 
@@ -199,15 +197,14 @@ def hint_level_updates(
     tolerance: float,
 ) -> dict[str, int]:
     """The start levels (prompt id -> level) that change after this step: a problem solved without a hint steps
-    down, a hinted one moves by `next_hint_level` from the level of its last hinted wave (`plan`, `guided`)."""
-    unsolved_set, updates = set(unsolved), {}
-    for index, group in enumerate(groups):
-        prompt = group.prompt
-        if index not in unsolved_set and prompt.has_hint:
-            level = start_level(prompt, levels)
-            updates[prompt.id] = next_hint_level(
-                level, num_levels=prompt.num_hint_levels, guided_success=None, target=target, tolerance=tolerance
-            )
+    down one level, a hinted one moves by `next_hint_level` from the level of its last hinted wave (`plan`,
+    `guided`)."""
+    unsolved_set = set(unsolved)
+    updates = {
+        group.prompt.id: levels[group.prompt.id] - 1
+        for index, group in enumerate(groups)
+        if index not in unsolved_set and levels.get(group.prompt.id, 0) > 0
+    }
     for index, level in zip(plan.group_indices, plan.levels, strict=True):
         prompt = groups[index].prompt
         updates[prompt.id] = next_hint_level(
