@@ -279,6 +279,9 @@ class RewardConfig:
     """code: address-space limit of a sandboxed program run."""
     code_partial_credit: bool = False
     """code: reward the fraction of tests passed instead of 1 only when all pass."""
+    allow_weak_sandbox: bool = False
+    """code: where the OS sandbox (bubblewrap) cannot run, run programs anyway behind process limits and a Python
+    audit hook only (not a boundary: docs/rewards.md); false: code rewards refuse to start there."""
 
 
 @dataclass(kw_only=True)

@@ -110,13 +110,16 @@ def collect_report() -> dict:
 
 
 def sandbox_isolation() -> str:
-    """The isolation layers the code reward's sandbox gets on this machine, found by running a trivial program."""
-    from guide_mega.rewards.sandbox import run_program
+    """The boundary code rewards get on this machine, and the layers a trivial program run actually obtained (under
+    the weak fallback when there is no boundary, which code rewards then refuse without allow_weak_sandbox)."""
+    from guide_mega.rewards import boundary
+    from guide_mega.rewards.sandbox import SandboxLimits, run_program
 
-    result = run_program("print('ok')")
+    limits = SandboxLimits(os_boundary=boundary.unavailable_reason() is None)
+    result = run_program("print('ok')", limits=limits)
     if result.stdout.strip() != "ok":
         return f"not working ({result.status}): {result.stderr.strip()[-200:]}"
-    return ", ".join(result.isolation) or "limits only"
+    return f"{boundary.describe()} [layers of a trial run: {', '.join(result.isolation) or 'limits only'}]"
 
 
 def format_report(report: dict) -> str:

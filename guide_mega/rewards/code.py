@@ -6,41 +6,71 @@ one; a response without a complete block scores 0 and is not formatted.
 The tests are `Prompt.metadata["tests"]`, or else the ground-truth answer parsed as JSON, in this form:
 
     {"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...],     # stdin -> expected stdout pairs
-     "asserts": ["assert add(1, 2) == 3", ...]}               # statements appended to the program
+     "asserts": ["assert add(1, 2) == 3", ...]}               # statements run after the program
 
-Either list may be missing, not both. A stdin test passes when the program exits 0 and its stdout equals the
-expected output up to trailing whitespace on each line and at the end. An assert test passes when the program
-followed by the statement exits 0. Each test is its own sandboxed run (`sandbox.run_program`).
+Either list may be missing, not both. Each test is its own sandboxed run (`sandbox.run_program`), and each is
+judged outside the program, by what it cannot forge:
 
-Assert tests run inside the program's own interpreter, so a program that wants to can fake them (exit 0 early, or
-return an object equal to everything); stdin tests cannot be faked that way, since the expected output never
-reaches the sandbox. Prefer stdin tests for training.
+- stdin: the program exits 0 and its stdout equals the expected output up to trailing whitespace on each line and
+  at the end. The expected output never enters the sandbox.
+- `assert EXPR == LITERAL` (either side the literal, as `ast.literal_eval` reads it): EXPR is evaluated in the
+  sandbox after the program, its value comes back as plain data (a Python literal of built-in types only), and
+  this side compares it with LITERAL. Exiting early, patching `sys.exit` or returning an object equal to
+  everything cannot pass: the value never arrives, or is refused as not plain data.
+- any other assert: the statement runs after the program, and the test passes when the harness reports that it
+  ran to its end (exit codes are not trusted). A program written to defeat the harness from the inside can fake
+  this kind; prefer the two above for training.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
 import re
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from guide_mega.rewards.results import RewardOptions, RewardResult
-from guide_mega.rewards.sandbox import STARTUP_ALLOWANCE_S, run_program
+from guide_mega.rewards.sandbox import STARTUP_ALLOWANCE_S, SandboxResult, run_program
 
 TESTS_METADATA_KEY = "tests"
 _PYTHON_FENCE_LANGUAGES = ("python", "py", "python3")
 _FENCED_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_TEST_LISTS = ("inputs", "outputs", "asserts")
+# Integers in expected values and in the values programs return may have this many digits (Python's default int
+# string limit, 4,300, would fail correct answers; no limit would let a reported value cost seconds to parse).
+_MAX_INT_DIGITS = 100_000
+_LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
 
 
 @dataclass(frozen=True, kw_only=True)
 class CodeTest:
-    """One sandboxed run: the program plus `appended` code, fed `stdin`."""
+    """One sandboxed run of the program, fed `stdin`, then (assert tests) the test's code in its namespace."""
 
     stdin: str = ""
     expected_stdout: str | None = None
-    """None: the test passes when the run exits 0 (an assert test)."""
-    appended: str = ""
+    """stdin tests: what the program must print; None for assert tests."""
+    statements: str = ""
+    """Asserts of other forms: run after the program; the test passes when they run to their end."""
+    expression: str | None = None
+    """`assert EXPR == LITERAL` tests: EXPR, evaluated in the sandbox; its value is compared with `expected` here."""
+    expected: Any = None
+    """The literal an expression test's value must equal."""
+
+
+@contextlib.contextmanager
+def _int_digits(limit: int) -> Iterator[None]:
+    """Python's int-string conversion limit set to `limit` for the block (it is process-wide)."""
+    previous = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(limit)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(previous)
 
 
 def extract_program(response: str) -> str | None:
@@ -50,6 +80,28 @@ def extract_program(response: str) -> str | None:
     unmarked = [body for language, body in blocks if not language]
     candidates = python or unmarked
     return candidates[-1] if candidates else None
+
+
+def assert_test(statement: str) -> CodeTest:
+    """An expression test for `assert EXPR == LITERAL` (either side the literal), else a statements test."""
+    try:
+        with _int_digits(_MAX_INT_DIGITS):
+            tree = ast.parse(statement)
+    except SyntaxError as exc:
+        raise ValueError(f"code reward: assert test {statement[:80]!r} is not valid Python ({exc.msg})") from None
+    node = tree.body[0] if len(tree.body) == 1 else None
+    is_equality = isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+    if not is_equality or not isinstance(node.test.ops[0], ast.Eq):
+        return CodeTest(statements=statement)
+    left, right = node.test.left, node.test.comparators[0]
+    for computed, literal in ((left, right), (right, left)):
+        try:
+            with _int_digits(_MAX_INT_DIGITS):
+                expected = ast.literal_eval(literal)
+        except _LITERAL_ERRORS:
+            continue
+        return CodeTest(expression=ast.unparse(computed), expected=expected)
+    return CodeTest(statements=statement)
 
 
 def load_tests(answer: str | list[str], metadata: dict[str, Any]) -> list[CodeTest]:
@@ -63,11 +115,15 @@ def load_tests(answer: str | list[str], metadata: dict[str, Any]) -> list[CodeTe
             raise ValueError(f"code reward: the answer is not a JSON test spec ({exc.msg})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"code reward: the test spec must be a JSON object, got {type(spec).__name__}")
+    for key in _TEST_LISTS:
+        entries = spec.get(key, [])
+        if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+            raise ValueError(f"code reward: the test spec's {key!r} must be a list of strings")
     inputs, outputs = spec.get("inputs", []), spec.get("outputs", [])
     if len(inputs) != len(outputs):
         raise ValueError(f"code reward: {len(inputs)} test inputs but {len(outputs)} outputs")
     tests = [CodeTest(stdin=stdin, expected_stdout=expected) for stdin, expected in zip(inputs, outputs, strict=True)]
-    tests += [CodeTest(appended=f"\n\n{statement}\n") for statement in spec.get("asserts", [])]
+    tests += [assert_test(statement) for statement in spec.get("asserts", [])]
     if not tests:
         raise ValueError("code reward: the test spec has no inputs/outputs and no asserts")
     return tests
@@ -77,16 +133,37 @@ def _normalized_lines(text: str) -> list[str]:
     return [line.rstrip() for line in text.rstrip().splitlines()]
 
 
+def _judge(test: CodeTest, result: SandboxResult) -> str | None:
+    """None when the run passes the test, else why not; judged on what the program cannot forge (see above)."""
+    if result.status != "ok":
+        return result.status
+    if test.expected_stdout is not None:
+        return None if _normalized_lines(result.stdout) == _normalized_lines(test.expected_stdout) else "wrong output"
+    if not result.finished:
+        return "exited before the end of the test"
+    if test.expression is None:
+        return None
+    if result.value is None:
+        return "no value"
+    try:
+        with _int_digits(_MAX_INT_DIGITS):
+            value = ast.literal_eval(result.value)
+    except _LITERAL_ERRORS:
+        return "value not readable"
+    return None if value == test.expected else "wrong value"
+
+
 def _run_test(program: str, test: CodeTest, options: RewardOptions) -> str | None:
     """None when the test passes, else why it failed."""
     result = run_program(
-        program + test.appended, stdin=test.stdin, limits=options.code_limits, scratch_dir=options.code_scratch_dir
+        program,
+        stdin=test.stdin,
+        limits=options.code_limits,
+        scratch_dir=options.code_scratch_dir,
+        statements=test.statements,
+        expression=test.expression,
     )
-    if result.status != "ok":
-        return result.status
-    if test.expected_stdout is not None and _normalized_lines(result.stdout) != _normalized_lines(test.expected_stdout):
-        return "wrong output"
-    return None
+    return _judge(test, result)
 
 
 def run_tests(program: str, tests: list[CodeTest], options: RewardOptions) -> tuple[int, str]:

@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
+import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from guide_mega.config import RewardConfig
+from guide_mega.rewards import boundary
 from guide_mega.rewards.results import RewardOptions, RewardResult, failed_result
-from guide_mega.rewards.sandbox import SandboxLimits
+from guide_mega.rewards.sandbox import SandboxLimits, remove_tree, require_boundary
 from guide_mega.rewards.verifiers import RewardTask, check_reward_name, score_task
 from guide_mega.types import RolloutGroup
 
@@ -54,6 +55,9 @@ class Outcome:
 
 def _worker_main(connection: multiprocessing.connection.Connection, fn: Callable[[Any], Any]) -> None:
     """Worker loop: receive (index, item), send back (index, Outcome), until the parent closes the pipe."""
+    # A correct answer may have more than Python's default 4,300 digits (math-verify then fails it silently); the
+    # deadline bounds what a huge number costs, and a timeout is counted.
+    sys.set_int_max_str_digits(0)
     while True:
         try:
             index, item = connection.recv()
@@ -181,12 +185,18 @@ class RewardPool:
         # math-verify's own per-operation timeout fires well inside the pool deadline, so a slow sympy call is
         # interrupted cheaply in the worker before the parent has to kill and replace the whole process.
         # The code reward likewise stops starting tests in time to return its own result before the deadline.
+        # Code rewards refuse to start without the OS sandbox unless the config allows the weak fallback.
+        os_boundary = require_boundary(allow_weak=config.allow_weak_sandbox) if config.name == "code" else True
+        if not os_boundary:
+            logger.warning("reward.allow_weak_sandbox: programs run WITHOUT the OS sandbox (no bubblewrap here)")
         options = RewardOptions(
             lenient=lenient,
             format_gate=config.format_gate,
             format_bonus=config.format_bonus,
             verify_timeout_s=max(1, int(config.timeout_s // 2)),
-            code_limits=SandboxLimits(wall_s=config.code_timeout_s, memory_mb=config.code_memory_mb),
+            code_limits=SandboxLimits(
+                wall_s=config.code_timeout_s, memory_mb=config.code_memory_mb, os_boundary=os_boundary
+            ),
             code_partial_credit=config.code_partial_credit,
             code_time_budget_s=config.timeout_s - _DEADLINE_MARGIN_S,
         )
@@ -257,7 +267,8 @@ class RewardPool:
 
     def close(self) -> None:
         self._pool.close()
-        shutil.rmtree(self._scratch_dir, ignore_errors=True)
+        remove_tree(self._scratch_dir)
+        boundary.remove_orphan_cgroups()
 
     def __enter__(self) -> RewardPool:
         return self

@@ -9,6 +9,7 @@ from guide_mega.rewards.answers import is_well_formatted
 from guide_mega.rewards.sandbox import SandboxLimits
 
 RewardStatus = Literal["ok", "timeout", "error"]
+MAX_ERROR_CHARS = 500
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +47,10 @@ class RewardResult:
 
 
 def failed_result(status: RewardStatus, error: str) -> RewardResult:
-    """Reward 0 for a response whose verification timed out or raised."""
+    """Reward 0 for a response whose verification timed out or raised; the error is cut to its first
+    MAX_ERROR_CHARS characters (a verifier's message may quote the whole response, and it is logged)."""
+    if len(error) > MAX_ERROR_CHARS:
+        error = f"{error[:MAX_ERROR_CHARS]}... ({len(error)} characters)"
     return RewardResult(reward=0.0, correct=False, is_formatted=False, status=status, error=error)
 
 

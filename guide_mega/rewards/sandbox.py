@@ -1,15 +1,19 @@
 """Run an untrusted Python program in a separate, limited process and collect what it printed.
 
-`run_program(source, stdin=..., limits=...)` writes the program into a fresh temporary directory and starts
-`sandbox_child.py` there with an isolated interpreter (`python -I -S`: no site-packages, no PYTHON* variables), a
-scrubbed environment, stdin from a file, and a new session. The child sets resource limits, enters network and
-PID namespaces where the kernel allows, drops privileges and installs an audit hook before it runs the program
-(see its docstring and docs/rewards.md for what each layer guarantees). This side enforces the wall clock and the
-output cap: stdout and stderr are read incrementally, and when the program runs past its time, writes more than
-the cap, or exits, the whole process group is killed with SIGKILL.
+`run_program(source, stdin=..., limits=...)` starts the harness `sandbox_child.py` with an isolated interpreter
+(`python -I -S`: no site-packages, no PYTHON* variables), a scrubbed environment, stdin from an unlinked file, in a
+new session, in one of two ways:
 
-It is a sandbox for scoring, not a container: it keeps model-written programs from taking down or reading the
-trainer by accident or by crude attack. Run rewards on machines that hold nothing more secret than the trainer.
+- under the OS boundary (`boundary.py`): bubblewrap, with the program and the harness copied into a fresh
+  namespace that holds nothing else of the host. This is the default, and code rewards require it.
+- the weak fallback (`SandboxLimits(os_boundary=False)`, opted into with `reward.allow_weak_sandbox`): the program
+  in a fresh directory on the host, the harness entering namespaces itself where the kernel allows them.
+
+Either way the harness sets resource limits and installs an audit hook (a second layer only) before it runs the
+program, and reports on a pipe the layers it obtained and, for a test, whether the test's code ran to its end and
+the value of its expression. This side enforces the wall clock and the output cap: stdout, stderr and the report
+are read incrementally, and when the program runs past its time, writes more than the cap, or exits, the run is
+killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from guide_mega.rewards import boundary
 from guide_mega.rewards.sandbox_child import PROGRAM_FILE
 
 SandboxStatus = Literal["ok", "error", "timeout", "output_limit"]
@@ -41,10 +46,12 @@ _NOBODY_UID = 65534
 _READ_CHUNK_BYTES = 1 << 16
 # How often the reader checks whether the program's main process has exited (it may close stdout and live on).
 _POLL_S = 0.05
-# Interpreter start and sandbox setup, not charged to the program's wall-clock limit.
-STARTUP_ALLOWANCE_S = 0.5
-# Killed by the CPU-time limit: SIGXCPU at the soft limit, SIGKILL at the hard one (PID 1 ignores SIGXCPU).
-_CPU_LIMIT_RETURNCODES = (-signal.SIGXCPU, -signal.SIGKILL)
+# Sandbox setup (bwrap's mounts) and interpreter start, not charged to the program's wall-clock limit.
+STARTUP_ALLOWANCE_S = 1.0
+# Killed by the CPU-time limit: SIGXCPU at the soft limit, SIGKILL at the hard one (PID 1 ignores SIGXCPU); bwrap
+# reports its program's death by a signal as the exit code 128 + the signal.
+_CPU_LIMIT_SIGNALS = (signal.SIGXCPU, signal.SIGKILL)
+_CPU_LIMIT_RETURNCODES = (*(-signum for signum in _CPU_LIMIT_SIGNALS), *(128 + signum for signum in _CPU_LIMIT_SIGNALS))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,8 +68,12 @@ class SandboxLimits:
     """Processes the program may start (forks of its main process; beyond what its user already runs)."""
     open_files: int = 64
     """Open file descriptors (RLIMIT_NOFILE)."""
+    disk_mb: int = 64
+    """Size of the working directory (a tmpfs) under the OS boundary: all the files the program writes together."""
+    os_boundary: bool = True
+    """Run under bubblewrap (refused with SandboxUnavailableError where it cannot run); False: the weak fallback."""
     namespaces: bool = True
-    """Use network and PID namespaces where the kernel allows; False leaves the fallback layers alone."""
+    """Weak fallback only: use network and PID namespaces where the kernel allows; False: limits and hook alone."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,13 +85,38 @@ class SandboxResult:
     stderr: str
     wall_s: float
     isolation: tuple[str, ...]
-    """Layers the run obtained, e.g. rlimits, network_namespace, pid_namespace, no_capabilities, audit_hook."""
+    """Layers the run obtained, e.g. bubblewrap, pids_cgroup, rlimits, pid_namespace, audit_hook."""
+    finished: bool = False
+    """The harness reported that the program and the test's statements ran to their end."""
+    value: str | None = None
+    """The test expression's value as the harness reported it (a Python literal), or None."""
+
+
+class SandboxUnavailableError(ValueError):
+    """Code rewards need the OS boundary, and this machine cannot give one (and the weak fallback was not allowed)."""
+
+
+def require_boundary(*, allow_weak: bool) -> bool:
+    """Whether runs get the OS boundary: True when bubblewrap works here, False when it does not and `allow_weak`.
+
+    Raises SandboxUnavailableError when it does not and the weak fallback is not allowed.
+    """
+    reason = boundary.unavailable_reason()
+    if reason is None:
+        return True
+    if allow_weak:
+        return False
+    raise SandboxUnavailableError(
+        f"reward.name=code: no OS sandbox on this machine ({reason}); install bubblewrap (Debian/Ubuntu: apt-get "
+        "install bubblewrap) or set reward.allow_weak_sandbox=true to run programs behind process limits and a "
+        "Python audit hook only"
+    )
 
 
 @functools.cache
 def unprivileged_uid() -> int | None:
-    """The uid programs run as when this process is root: nobody, provided nobody can read the standard library
-    (the program imports from it after the switch). None otherwise: non-root users keep their own uid."""
+    """Weak fallback only: the uid programs run as when this process is root: nobody, provided nobody can read the
+    standard library (the program imports from it after the switch). None otherwise: others keep their own uid."""
     if os.geteuid() != 0:
         return None
     stdlib = Path(os.__file__).resolve().parent
@@ -90,24 +126,27 @@ def unprivileged_uid() -> int | None:
     return None
 
 
-def _child_config(limits: SandboxLimits, *, report_fd: int) -> dict:
+def _child_config(limits: SandboxLimits, *, report_fd: int, statements: str, expression: str | None) -> dict:
     return {
         "parent_pid": os.getpid(),
         "report_fd": report_fd,
+        "os_boundary": limits.os_boundary,
         "wall_s": limits.wall_s,
         "cpu_s": max(1, math.ceil(limits.wall_s)),
         "memory_bytes": limits.memory_mb << 20,
         "file_bytes": limits.file_mb << 20,
         "open_files": limits.open_files,
         "processes": limits.processes,
-        "namespaces": limits.namespaces,
-        "unprivileged_uid": unprivileged_uid(),
+        "namespaces": limits.namespaces and not limits.os_boundary,
+        "unprivileged_uid": None if limits.os_boundary else unprivileged_uid(),
+        "statements": statements,
+        "expression": expression,
     }
 
 
-def _scrubbed_environment(workdir: str) -> dict[str, str]:
+def _scrubbed_environment(home: str) -> dict[str, str]:
     """Nothing of the trainer's environment (tokens, credentials, paths) reaches the program."""
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir}
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
 
 
 def _has_exited(pid: int) -> bool:
@@ -125,8 +164,8 @@ def _kill_group(pgid: int) -> None:
 def _collect_output(
     process: subprocess.Popen, outputs: dict[int, bytearray], *, deadline: float, max_bytes: int
 ) -> SandboxStatus | None:
-    """Read stdout and stderr into `outputs` until both close and the main process has exited; kills the process
-    group when the main process exits. Returns timeout or output_limit when the run must be stopped early."""
+    """Read the pipes in `outputs` until all close and the main process has exited; kills the process group when
+    the main process exits. Returns timeout or output_limit when the run must be stopped early."""
     main_running = True
     with selectors.DefaultSelector() as selector:
         for fd in outputs:
@@ -153,13 +192,20 @@ def _collect_output(
     return None
 
 
-def _read_report(fd: int) -> tuple[str, ...]:
-    """The isolation layers the child reported at setup (none if it died before it could)."""
-    os.set_blocking(fd, False)
-    try:
-        return tuple(json.loads(os.read(fd, _READ_CHUNK_BYTES).splitlines()[0]))
-    except (BlockingIOError, IndexError, ValueError):
-        return ()
+def _parse_report(report: bytes) -> tuple[tuple[str, ...], dict]:
+    """The layers the harness reported at setup, and its last end-of-test record ({} if none came)."""
+    layers: tuple[str, ...] = ()
+    record: dict = {}
+    for line in report.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, list) and not layers:
+            layers = tuple(str(layer) for layer in entry)
+        elif isinstance(entry, dict):
+            record = entry
+    return layers, record
 
 
 def _status(stopped: SandboxStatus | None, returncode: int) -> SandboxStatus:
@@ -170,25 +216,92 @@ def _status(stopped: SandboxStatus | None, returncode: int) -> SandboxStatus:
     return "ok" if returncode == 0 else "error"
 
 
-def run_program(
-    source: str, *, stdin: str = "", limits: SandboxLimits | None = None, scratch_dir: str | None = None
+def remove_tree(path: str) -> None:
+    """Remove a directory tree however deep, never following links: rm walks it by file descriptor, while
+    shutil.rmtree recurses, and a program's 6,000-deep tree exhausts Python's stack and PATH_MAX."""
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", path], capture_output=True, check=False)
+
+
+def _supervise(process: subprocess.Popen, report_read: int, *, limits: SandboxLimits, start: float) -> SandboxResult:
+    """Collect the run's output and report under the deadline, then kill whatever is left of it."""
+    stdout, stderr, report = bytearray(), bytearray(), bytearray()
+    outputs = {process.stdout.fileno(): stdout, process.stderr.fileno(): stderr, report_read: report}
+    with process.stdout, process.stderr:
+        deadline = start + STARTUP_ALLOWANCE_S + limits.wall_s
+        stopped = _collect_output(process, outputs, deadline=deadline, max_bytes=limits.output_bytes)
+        _kill_group(process.pid)  # the main process is not reaped yet, so its group id is still its own
+        returncode = process.wait()
+    layers, record = _parse_report(bytes(report))
+    if limits.os_boundary:
+        layers = ("bubblewrap", *layers)
+    return SandboxResult(
+        status=_status(stopped, returncode),
+        returncode=returncode,
+        stdout=bytes(stdout).decode("utf-8", errors="replace"),
+        stderr=bytes(stderr).decode("utf-8", errors="replace"),
+        wall_s=time.monotonic() - start,
+        isolation=layers,
+        finished=record.get("finished") is True,
+        value=record["value"] if isinstance(record.get("value"), str) else None,
+    )
+
+
+def _run_under_boundary(
+    source: str, config: dict, *, stdin_file, report_fds: tuple[int, int], limits: SandboxLimits, start: float
 ) -> SandboxResult:
-    """Run `source` as `__main__` of a sandboxed Python interpreter with `stdin` as its input, in a new directory
-    under `scratch_dir` (default: the system's temp dir) that is removed afterwards."""
-    limits = limits or SandboxLimits()
-    start = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="run-", dir=scratch_dir, ignore_cleanup_errors=True) as workdir,
-        tempfile.TemporaryFile() as stdin_file,
-    ):
+    """The program and the harness copied into a fresh bubblewrap sandbox; nothing of the run stays on the host."""
+    report_read, report_write = report_fds
+    cgroup_parent = boundary.pids_cgroup_parent()
+    cgroup = boundary.PidsCgroup(cgroup_parent, processes=limits.processes) if cgroup_parent else None
+    if cgroup is not None:
+        config = {**config, "pids_cgroup": True}
+    with tempfile.TemporaryFile() as program_file, open(_CHILD_SCRIPT, "rb") as harness_file:
+        program_file.write(source.encode())
+        program_file.seek(0)
+        command = boundary.bwrap_command(
+            program_fd=program_file.fileno(),
+            harness_fd=harness_file.fileno(),
+            disk_bytes=limits.disk_mb << 20,
+            environment=_scrubbed_environment(boundary.WORKDIR),
+            child_args=[*_INTERPRETER_FLAGS, boundary.HARNESS_PATH, json.dumps(config)],
+        )
+        try:
+            process = subprocess.Popen(
+                [*(cgroup.launcher() if cgroup else ()), *command],
+                # bwrap stays in the namespace as its PID 1, whose /proc/1/environ the program can read.
+                env=_scrubbed_environment(boundary.WORKDIR),
+                stdin=stdin_file,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(report_write, program_file.fileno(), harness_file.fileno()),
+                start_new_session=True,
+            )
+        finally:
+            os.close(report_write)
+    try:
+        return _supervise(process, report_read, limits=limits, start=start)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
+
+
+def _run_weak(
+    source: str,
+    config: dict,
+    *,
+    stdin_file,
+    report_fds: tuple[int, int],
+    limits: SandboxLimits,
+    start: float,
+    scratch_dir: str | None,
+) -> SandboxResult:
+    """The weak fallback: the program in a fresh directory on the host, the harness confining itself."""
+    report_read, report_write = report_fds
+    workdir = tempfile.mkdtemp(prefix="run-", dir=scratch_dir)
+    try:
         Path(workdir, PROGRAM_FILE).write_text(source, encoding="utf-8")
-        uid = unprivileged_uid()
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        stdin_file.write(stdin.encode())
-        stdin_file.seek(0)
-        report_read, report_write = os.pipe()
-        config = _child_config(limits, report_fd=report_write)
+        if config["unprivileged_uid"] is not None:
+            os.chown(workdir, config["unprivileged_uid"], config["unprivileged_uid"])
         try:
             process = subprocess.Popen(
                 [sys.executable, *_INTERPRETER_FLAGS, _CHILD_SCRIPT, json.dumps(config)],
@@ -202,20 +315,47 @@ def run_program(
             )
         finally:
             os.close(report_write)
-        outputs = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
-        with process.stdout, process.stderr:
-            deadline = start + STARTUP_ALLOWANCE_S + limits.wall_s
-            stopped = _collect_output(process, outputs, deadline=deadline, max_bytes=limits.output_bytes)
-            _kill_group(process.pid)  # the main process is not reaped yet, so its group id is still its own
-            returncode = process.wait()
-        isolation = _read_report(report_read)
-        os.close(report_read)
-    stdout, stderr = (bytes(buffer).decode("utf-8", errors="replace") for buffer in outputs.values())
-    return SandboxResult(
-        status=_status(stopped, returncode),
-        returncode=returncode,
-        stdout=stdout,
-        stderr=stderr,
-        wall_s=time.monotonic() - start,
-        isolation=isolation,
-    )
+        return _supervise(process, report_read, limits=limits, start=start)
+    finally:
+        remove_tree(workdir)
+
+
+def run_program(
+    source: str,
+    *,
+    stdin: str = "",
+    limits: SandboxLimits | None = None,
+    scratch_dir: str | None = None,
+    statements: str = "",
+    expression: str | None = None,
+) -> SandboxResult:
+    """Run `source` as `__main__` of a sandboxed Python interpreter with `stdin` as its input; then, in its
+    namespace, the test's `statements` and `expression`, whose value comes back as `SandboxResult.value`.
+
+    `scratch_dir` (default: the system's temp dir) holds the weak fallback's run directories.
+    """
+    limits = limits or SandboxLimits()
+    if limits.os_boundary:
+        require_boundary(allow_weak=False)
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as stdin_file:
+        stdin_file.write(stdin.encode())
+        stdin_file.seek(0)
+        report_fds = os.pipe()
+        config = _child_config(limits, report_fd=report_fds[1], statements=statements, expression=expression)
+        try:
+            if limits.os_boundary:
+                return _run_under_boundary(
+                    source, config, stdin_file=stdin_file, report_fds=report_fds, limits=limits, start=start
+                )
+            return _run_weak(
+                source,
+                config,
+                stdin_file=stdin_file,
+                report_fds=report_fds,
+                limits=limits,
+                start=start,
+                scratch_dir=scratch_dir,
+            )
+        finally:
+            os.close(report_fds[0])

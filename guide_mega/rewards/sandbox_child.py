@@ -1,8 +1,10 @@
-"""The sandbox's child side: limits, namespaces and an audit hook around one untrusted Python program.
+"""The sandbox's harness: limits and an audit hook around one untrusted Python program, then the test's code.
 
 `sandbox.run_program` starts this file as a script (`python -I -S -X utf8 sandbox_child.py CONFIG`) in a new
 session, a fresh working directory holding the program as `main.py`, and a scrubbed environment. It imports only
-the standard library. In order:
+the standard library. Under the OS boundary (bubblewrap, `boundary.py`) the namespaces, the unprivileged uid and
+the dropped capabilities are already in place, and steps 2 and 3 are skipped; in the weak fallback this file does
+them itself. In order:
 
 1. Resource limits: CPU seconds, address space, file size, open files, no core files, and a process count of what
    the user already runs plus a small allowance (RLIMIT_NPROC counts every process of the user).
@@ -16,9 +18,13 @@ the standard library. In order:
    signals to other processes, more than the allowed number of forks, heap introspection (gc), and networking
    (all of it without a network namespace; Unix sockets outside the working directory with one). This layer is
    Python-level defence in depth, not a boundary: a program written to defeat it (patching the modules it
-   relies on, walking frames) can, which is why the kernel layers come first.
+   relies on, walking frames, resolving a relative path against another directory's descriptor) can.
 
-The setup reports the layers it obtained as one JSON line on the report pipe, then runs `main.py` as `__main__`.
+The setup reports the layers it obtained as one JSON line on the report pipe, then runs `main.py` as `__main__`,
+then the test's statements and expression in the program's namespace, and reports one JSON line more:
+{"finished": true, "value": LITERAL}. The value is written as a Python literal only when it is plain data
+(`plain_literal`); the parent compares it with the expected value itself, so an object that claims to equal
+everything never reaches the comparison.
 """
 
 import json
@@ -52,6 +58,9 @@ _REFUSED_EVENTS = (
 _REFUSED_PREFIXES = ("ctypes.",)
 # Extension modules that reach files, processes or memory without passing through audited calls.
 _REFUSED_MODULES = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_sqlite3", "_dbm", "_gdbm"})
+_SCALAR_TYPES = (int, float, complex, str, bytes, bool, type(None))
+# Deeper values are refused: the parent's literal parser has a nesting limit of its own.
+_MAX_LITERAL_DEPTH = 50
 
 
 def _libc():
@@ -149,10 +158,16 @@ def _is_under(path: str, root: str) -> bool:
 
 
 class AuditPolicy:
-    """What the program may do; `__call__` is the audit hook and raises PermissionError to refuse an event."""
+    """What the program may do; `__call__` is the audit hook and raises PermissionError to refuse an event.
 
-    def __init__(self, *, workdir: str, stdlib: str, max_forks: int, network_namespace: bool) -> None:
-        self.workdir, self.stdlib = workdir, stdlib
+    With `check_paths` False (under the OS boundary, whose mounts already confine files) paths are left to the
+    kernel: resolving every path costs a system call per component, quadratic for a program working deep down.
+    """
+
+    def __init__(
+        self, *, workdir: str, stdlib: str, max_forks: int, network_namespace: bool, check_paths: bool
+    ) -> None:
+        self.workdir, self.stdlib, self.check_paths = workdir, stdlib, check_paths
         self.max_forks, self.network_namespace = max_forks, network_namespace
         self.main_pid, self.forks = os.getpid(), 0
 
@@ -192,9 +207,10 @@ class AuditPolicy:
 
     def __call__(self, event: str, args: tuple) -> None:
         if event == "open":
-            self._check_open(*args[:3])
+            if self.check_paths:
+                self._check_open(*args[:3])
         elif event in _PATH_EVENTS:
-            for index in _PATH_EVENTS[event]:
+            for index in _PATH_EVENTS[event] if self.check_paths else ():
                 self._check_write(event, args[index])
         elif event.startswith("socket."):
             self._check_socket(event, args)
@@ -216,12 +232,40 @@ def _remove_session_calls() -> None:
                 delattr(module, name)
 
 
-def run_program() -> None:
-    """Execute main.py as a fresh __main__ module (this script's globals stay out of sys.modules); an uncaught
-    exception prints its traceback and exits with status 1."""
+def plain_literal(value, depth: int = 0) -> str:
+    """`value` as a Python literal, when it is built only of the exact built-in scalar and container types (a
+    subclass could redefine equality); TypeError otherwise."""
+    kind = type(value)
+    if depth > _MAX_LITERAL_DEPTH:
+        raise TypeError("the value is nested too deeply to compare")
+    if kind in _SCALAR_TYPES:
+        return kind.__repr__(value)
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        items = [plain_literal(item, depth + 1) for item in value]
+        if kind is list:
+            return "[" + ", ".join(items) + "]"
+        if kind is tuple:
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        return "{" + ", ".join(items) + "}" if items else "set()"
+    if kind is dict:
+        pairs = [f"{plain_literal(key, depth + 1)}: {plain_literal(item, depth + 1)}" for key, item in value.items()]
+        return "{" + ", ".join(pairs) + "}"
+    raise TypeError(f"the value is a {kind.__name__}, not plain data (numbers, strings, bytes, None, and lists, "
+                    "tuples, sets and dicts of them)")  # fmt: skip
+
+
+def run_program(config: dict) -> None:
+    """Execute main.py as a fresh __main__ module (this script's globals stay out of sys.modules), then the test's
+    statements and expression in its namespace, and report that they finished and the expression's value. An
+    uncaught exception prints its traceback and exits with status 1 (no atexit handler runs); an exit before the
+    end reports nothing."""
     import traceback
     import types
 
+    # Bound before the program runs, so that patching os, json or sys.exit changes nothing here.
+    write, dumps, exit_now, report_fd = os.write, json.dumps, os._exit, config["report_fd"]
+    # The CPU limit bounds what a huge int costs; Python's 4,300-digit default would fail correct programs.
+    sys.set_int_max_str_digits(0)
     with open(PROGRAM_FILE, encoding="utf-8") as stream:
         code = compile(stream.read(), PROGRAM_FILE, "exec")
     sys.argv = [PROGRAM_FILE]
@@ -230,17 +274,24 @@ def run_program() -> None:
     sys.modules["__main__"] = program
     try:
         exec(code, program.__dict__)
+        exec(compile(config["statements"], "<test>", "exec"), program.__dict__)
+        record = {"finished": True}
+        if config["expression"] is not None:
+            value = eval(compile(config["expression"], "<test>", "eval"), program.__dict__)
+            record["value"] = plain_literal(value)
     except SystemExit:
         raise
     except BaseException:
         traceback.print_exc()
-        sys.exit(1)
-    finally:
         sys.stdout.flush()
+        sys.stderr.flush()
+        exit_now(1)
+    sys.stdout.flush()
+    write(report_fd, (dumps(record) + "\n").encode())
 
 
-def main() -> None:
-    config = json.loads(sys.argv[1])
+def _confine_weakly(config: dict) -> list[str]:
+    """The weak fallback's own confinement: namespaces where the kernel allows, then fewer privileges."""
     libc = _libc()
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the sandbox dies with the worker that started it
     if os.getppid() != config["parent_pid"]:
@@ -255,23 +306,34 @@ def main() -> None:
             run_as_pid_namespace_parent(child_pid, config["wall_s"])
     layers += drop_privileges(libc, config["unprivileged_uid"])
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # fork and setuid clear it
-    for name in [name for name in sys.modules if name.split(".")[0] in _REFUSED_MODULES]:
-        del sys.modules[name]
     if "pid_namespace" not in layers:
         _remove_session_calls()
-    del libc
+    return layers
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    if config["os_boundary"]:
+        set_limits(config)
+        layers = ["pids_cgroup", "rlimits"] if config.get("pids_cgroup") else ["rlimits"]
+        network_namespace = True
+    else:
+        layers = _confine_weakly(config)
+        network_namespace = "network_namespace" in layers
+    for name in [name for name in sys.modules if name.split(".")[0] in _REFUSED_MODULES]:
+        del sys.modules[name]
     policy = AuditPolicy(
         workdir=os.path.realpath(os.getcwd()),
         stdlib=os.path.realpath(os.path.dirname(os.__file__)),
         max_forks=config["processes"],
-        network_namespace="network_namespace" in layers,
+        network_namespace=network_namespace,
+        check_paths=not config["os_boundary"],
     )
     sys.addaudithook(policy)
     del policy  # reachable from the program's frames no more; the refused gc calls were the other way to it
     layers.append("audit_hook")
     os.write(config["report_fd"], (json.dumps(layers) + "\n").encode())
-    os.close(config["report_fd"])
-    run_program()
+    run_program(config)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The sandbox against real attacks: each is attempted for real, must fail, and must leave this process unharmed.
 
-Every attack runs twice: with the kernel's namespaces (skipped where the kernel refuses them) and with the fallback
-layers alone (resource limits, process group, audit hook).
+Every attack runs three ways: under the OS boundary (bubblewrap; skipped where it cannot run, and CI installs it),
+in the weak fallback with the kernel's namespaces (skipped where the kernel refuses them), and in the weak fallback
+with its own layers alone (resource limits, process group, audit hook). sandbox_attacks.py holds the attacks that
+only the OS boundary stops.
 """
 
+import ast
+import dataclasses
 import functools
 import os
 import socket
@@ -13,23 +17,33 @@ import time
 import psutil
 import pytest
 
+from guide_mega.rewards import boundary
 from guide_mega.rewards.sandbox import SandboxLimits, run_program
 
 SECRET = "guide-mega-test-secret-5b1f"
 # Generous for programs that must succeed: the test machine may be heavily loaded.
-RELAXED = SandboxLimits(wall_s=20.0)
+RELAXED = SandboxLimits(wall_s=20.0, os_boundary=boundary.unavailable_reason() is None)
 
 
 @functools.cache
 def namespaces_available() -> bool:
-    return "network_namespace" in run_program("pass", limits=RELAXED).isolation
+    weak = SandboxLimits(wall_s=20.0, os_boundary=False)
+    return "network_namespace" in run_program("pass", limits=weak).isolation
 
 
-@pytest.fixture(params=["namespaces", "fallback"])
+@pytest.fixture(params=["boundary", "namespaces", "fallback"])
 def limits(request) -> SandboxLimits:
+    if request.param == "boundary" and boundary.unavailable_reason() is not None:
+        pytest.skip(f"no OS boundary here: {boundary.unavailable_reason()}")
     if request.param == "namespaces" and not namespaces_available():
         pytest.skip("this kernel gives no network/PID namespaces to this user")
-    return SandboxLimits(wall_s=1.0, memory_mb=256, processes=8, namespaces=request.param == "namespaces")
+    return SandboxLimits(
+        wall_s=1.0,
+        memory_mb=256,
+        processes=8,
+        os_boundary=request.param == "boundary",
+        namespaces=request.param == "namespaces",
+    )
 
 
 def sandbox_processes() -> list[psutil.Process]:
@@ -61,13 +75,17 @@ def helper_process():
     process.wait()
 
 
-def test_runs_a_program_in_a_fresh_directory_with_a_scrubbed_environment(monkeypatch):
+def test_runs_a_program_in_a_fresh_directory_with_a_scrubbed_environment(monkeypatch, limits):
     monkeypatch.setenv("GUIDE_MEGA_SECRET", SECRET)
     source = "import os\nprint(input()[::-1])\nprint(sorted(os.listdir('.')))\nprint(sorted(os.environ))"
-    result = run_program(source, stdin="olleh\n", limits=RELAXED)
+    result = run_program(source, stdin="olleh\n", limits=dataclasses.replace(limits, wall_s=20.0))
     assert result.status == "ok" and result.returncode == 0
-    assert result.stdout.splitlines() == ["hello", "['main.py']", "['HOME', 'LANG', 'PATH']"]
-    assert {"rlimits", "session", "audit_hook"} <= set(result.isolation)
+    reversed_input, listing, variables = result.stdout.splitlines()
+    assert (reversed_input, listing) == ("hello", "['main.py']")
+    # bwrap's --chdir sets PWD (to the sandbox's own working directory).
+    assert set(ast.literal_eval(variables)) - {"PWD"} == {"HOME", "LANG", "PATH", "TMPDIR"}
+    assert {"rlimits", "audit_hook"} <= set(result.isolation)
+    assert ("bubblewrap" in result.isolation) == limits.os_boundary
 
 
 def test_exit_codes_and_exceptions():
