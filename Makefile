@@ -11,7 +11,7 @@ EXPERIMENT_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo experiment test test-sglang gpu-compile lint format clean
+.PHONY: install sandbox-deps demo experiment test test-sglang gpu-compile lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 
 install: $(STAMP)
 
+# Code rewards run each program under bubblewrap (docs/rewards.md). Installed here when missing and running as root
+# with apt (as CI does); otherwise `guide-mega doctor` says it is missing and the sandbox tests skip.
+sandbox-deps:
+	@command -v bwrap >/dev/null || [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq bubblewrap; }
+
 demo: $(STAMP)
 	$(BIN)/guide-mega train --config configs/demo_cpu.yaml $(DEMO_ARGS)
 
@@ -34,7 +40,7 @@ demo: $(STAMP)
 experiment: $(STAMP)
 	$(BIN)/python scripts/experiment.py $(EXPERIMENT_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) sandbox-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The real SGLang CPU server tests: builds SGLang's own virtual environment (~2.6 GB, ~5 min) on first use.

@@ -13,6 +13,10 @@ from typing import Literal
 ExtractionMethod = Literal["boxed", "answer_line", "last_number"]
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
+# A box command and the brace that opens its argument (spaces and tabs may come between).
+_BOXED_OPENING = re.compile("(?:" + "|".join(re.escape(command) for command in _BOXED_COMMANDS) + r")[ \t]*\{")
+# A backslash with the character it escapes, or a brace.
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 _ANSWER_MARKER = re.compile(r"\banswer\s*:", re.IGNORECASE)
 # Thousands separators only in groups of three, so "3, 4" stays two numbers while "1,000" is one.
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
@@ -27,47 +31,38 @@ class ExtractedAnswer:
     method: ExtractionMethod
 
 
-def _braced_content(text: str, start: int) -> tuple[str, int] | None:
-    """The content of the brace group opening at `text[start:]` (after optional spaces) and the index after it.
-
-    Escaped braces (`\\{`, `\\}`) are literal characters in LaTeX, so they do not change the depth.
-    """
-    index = start
-    while index < len(text) and text[index] in " \t":
-        index += 1
-    if index >= len(text) or text[index] != "{":
-        return None
-    depth, content_start = 0, index + 1
-    while index < len(text):
-        char = text[index]
-        if char == "\\":
-            index += 2
-            continue
+def _closing_braces(text: str) -> dict[int, int]:
+    """The index of the matching `}` of every closed `{` in `text`, in one pass over its braces (so that finding the
+    box of each of thousands of `\\boxed{` stays linear). Escaped braces (`\\{`, `\\}`) are literal characters in
+    LaTeX, so they do not count."""
+    closing, opened = {}, []
+    for token in _BRACE_TOKEN.finditer(text):
+        char = token.group()
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[content_start:index], index + 1
-        index += 1
-    return None
+            opened.append(token.start())
+        elif char == "}" and opened:
+            closing[opened.pop()] = token.start()
+    return closing
 
 
-def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
-    """(start, end, content) of every complete `\\boxed{...}` / `\\fbox{...}`, in order of appearance."""
+def _boxed_spans(text: str) -> list[tuple[int, int, int, int]]:
+    """(start, content start, content end, end) of every complete `\\boxed{...}` / `\\fbox{...}`, in order."""
+    closing = _closing_braces(text)
     spans = []
-    for match in re.finditer("|".join(re.escape(command) for command in _BOXED_COMMANDS), text):
-        braced = _braced_content(text, match.end())
-        if braced is not None:
-            content, end = braced
-            spans.append((match.start(), end, content))
+    for match in _BOXED_OPENING.finditer(text):
+        brace = match.end() - 1
+        if brace in closing:
+            spans.append((match.start(), brace + 1, closing[brace], closing[brace] + 1))
     return spans
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last complete `\\boxed{...}` in `text`, or None (also when that box is empty)."""
     spans = _boxed_spans(text)
-    return (spans[-1][2].strip() or None) if spans else None
+    if not spans:
+        return None
+    _, content_start, content_end, _ = spans[-1]
+    return text[content_start:content_end].strip() or None
 
 
 def _clean(answer: str) -> str:
@@ -124,8 +119,9 @@ def is_well_formatted(text: str) -> bool:
     line_start, line_end = _last_nonempty_line_span(text)
     spans = _boxed_spans(text)
     if spans:
-        (start, end, content), *others = spans
-        return not others and content.strip() != "" and start >= line_start and end <= line_end
+        (start, content_start, content_end, end), *others = spans
+        has_content = text[content_start:content_end].strip() != ""
+        return not others and has_content and start >= line_start and end <= line_end
     markers = list(_ANSWER_MARKER.finditer(text))
     if len(markers) != 1 or markers[0].start() < line_start:
         return False

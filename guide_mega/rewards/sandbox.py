@@ -219,7 +219,7 @@ def _status(stopped: SandboxStatus | None, returncode: int) -> SandboxStatus:
 def remove_tree(path: str) -> None:
     """Remove a directory tree however deep, never following links: rm walks it by file descriptor, while
     shutil.rmtree recurses, and a program's 6,000-deep tree exhausts Python's stack and PATH_MAX."""
-    subprocess.run(["rm", "-rf", "--one-file-system", "--", path], capture_output=True, check=False)
+    subprocess.run(["/bin/rm", "-rf", "--one-file-system", "--", path], capture_output=True, check=False)
 
 
 def _supervise(process: subprocess.Popen, report_read: int, *, limits: SandboxLimits, start: float) -> SandboxResult:

@@ -1,7 +1,11 @@
-"""Answer extraction and the format gate's check."""
+"""Answer extraction and the format gate's check, their cost on hostile responses, and answers beyond Python's int
+string limit."""
+
+import time
 
 import pytest
 
+from guide_mega.config import RewardConfig
 from guide_mega.rewards.answers import (
     extract_answer,
     extract_answer_line,
@@ -9,6 +13,8 @@ from guide_mega.rewards.answers import (
     extract_last_number,
     is_well_formatted,
 )
+from guide_mega.rewards.pool import RewardPool
+from guide_mega.rewards.results import MAX_ERROR_CHARS, failed_result
 
 
 @pytest.mark.parametrize(
@@ -76,3 +82,30 @@ def test_extract_answer_precedence_and_lenient_fallback():
 )
 def test_is_well_formatted(text, expected):
     assert is_well_formatted(text) is expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\\boxed{" * 20_000, "\\boxed{ " * 20_000 + "}", "\\boxed{" * 20_000 + "}" * 20_000, "{" * 40_000 + "\\boxed{1}"],
+    ids=["unclosed", "one closed", "nested", "open braces"],
+)
+def test_extraction_is_linear_in_the_response(text):
+    # Quadratic before: 4,000 unclosed \boxed{ took 4-6 s; 20,000 would take minutes. Linear, this is milliseconds;
+    # the bound leaves room for a loaded machine.
+    start = time.monotonic()
+    extract_answer(text, lenient=True)
+    is_well_formatted(text)
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_correct_answer_longer_than_python_int_limit_scores_in_the_reward_pool():
+    digits = "7" * 5000  # Python refuses int strings of more than 4,300 digits by default
+    responses = [f"So \\boxed{{{digits}.0}}", f"So \\boxed{{{digits[:-1]}8}}"]
+    with RewardPool.from_config(RewardConfig(name="math", num_workers=1, timeout_s=60.0)) as pool:
+        results = pool.score(responses, [digits, digits], [{}, {}])
+    assert [(result.correct, result.status) for result in results] == [(True, "ok"), (False, "ok")]
+
+
+def test_failure_messages_are_cut_for_the_log():
+    result = failed_result("timeout", "math-verify timed out on " + "x" * 50_000)
+    assert len(result.error) < MAX_ERROR_CHARS + 40 and result.error.endswith("(50025 characters)")

@@ -189,3 +189,54 @@ def test_scoring_on_a_closed_pool_is_a_clear_error():
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         pool.score([fenced("print('ok')")], [json.dumps({"inputs": [""], "outputs": ["ok"]})], [{}])
+
+
+def test_equality_asserts_compare_the_returned_value_outside_the_program():
+    tests = {"tests": {"asserts": ["assert pair(2) == (2, [4])", "assert 10 ** 5000 + 1 == big()"]}}
+    right = "def pair(n):\n    return (n, [n * n])\ndef big():\n    return 10 ** 5000 + 1"
+    assert code_reward(fenced(right), answer="", metadata=tests, options=OPTIONS).correct
+    # Python's == tells a tuple from a list, and so does the comparison here.
+    as_list = right.replace("return (n, [n * n])", "return [n, [n * n]]")
+    result = code_reward(fenced(as_list), answer="", metadata=tests, options=OPTIONS)
+    assert (result.correct, result.error) == (False, "test 0: wrong value")
+    # A value that is not plain data never reaches the comparison.
+    generator = right.replace("return (n, [n * n])", "return (x for x in (n, [n * n]))")
+    result = code_reward(fenced(generator), answer="", metadata=tests, options=OPTIONS)
+    assert (result.correct, result.error) == (False, "test 0: error")
+
+
+FAKES = {
+    "os._exit at exit": "import atexit, os\natexit.register(os._exit, 0)\ndef add(a, b):\n    return 7",
+    "SystemExit(0)": "def add(a, b):\n    raise SystemExit(0)",
+    "patched sys.exit": "import sys\nsys.exit = lambda *args: None\ndef add(a, b):\n    return 7",
+    "excepthook": "import os, sys\nsys.excepthook = lambda *args: os._exit(0)\ndef add(a, b):\n    return 7",
+    "equal to everything": "class Anything:\n    def __eq__(self, other):\n        return True\n"
+    "def add(a, b):\n    return Anything()",
+    "int subclass": "class Int(int):\n    def __eq__(self, other):\n        return True\n"
+    "def add(a, b):\n    return Int(7)",
+}
+
+
+@pytest.mark.parametrize("source", FAKES.values(), ids=FAKES.keys())
+def test_faked_equality_asserts_fail(source):
+    tests = {"tests": {"asserts": ["assert add(1, 2) == 3"]}}
+    result = code_reward(fenced(source), answer="", metadata=tests, options=OPTIONS)
+    assert not result.correct and result.error.startswith("test 0: ")
+
+
+@pytest.mark.parametrize("name", ["os._exit at exit", "SystemExit(0)", "patched sys.exit", "excepthook"])
+def test_other_asserts_need_the_harness_report_not_an_exit_code(name):
+    tests = {"tests": {"asserts": ["assert add(1, 2) in (3, 4)"]}}
+    result = code_reward(fenced(FAKES[name]), answer="", metadata=tests, options=OPTIONS)
+    assert not result.correct and result.error.startswith("test 0: ")
+    right = code_reward(fenced("def add(a, b):\n    return a + b"), answer="", metadata=tests, options=OPTIONS)
+    assert right.correct
+
+
+def test_stdin_and_assert_tests_mixed_in_one_spec():
+    tests = {"tests": {"inputs": ["2 3\n"], "outputs": ["5\n"], "asserts": ["assert add(2, 3) == 5"]}}
+    # The assert test's run gets empty stdin: the program reads only what is there.
+    source = "import sys\ndef add(a, b):\n    return a + b\nwords = sys.stdin.read().split()\nif words:\n"
+    source += "    print(add(*map(int, words)))"
+    result = code_reward(fenced(source), answer="", metadata=tests, options=OPTIONS)
+    assert result.correct and result.error == ""
