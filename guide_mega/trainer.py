@@ -166,57 +166,10 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One RL step in the order of DESIGN.md §2; returns its metrics (identical on every rank)."""
-        config, algorithm, guide = self.config, self.config.algorithm, self.config.algorithm.guide
+        algorithm = self.config.algorithm
         timer, start, payload = PhaseTimer(self.run_log.phase), time.perf_counter(), (None, None, {})
         if self.rollout is not None:  # rank 0 samples and scores; the other ranks get the packed batch
-            engine, pool, tokenize = self.rollout.engine, self.rollout.reward_pool, self.rollout.tokenize
-            seed = step_seed(config.train.seed, self.step_index)
-            waves = {
-                "sampling": SamplingParams.from_config(config.rollout, seed=seed),
-                "group_size": config.rollout.group_size,
-            }
-            groups, metrics, rounds = [], Metrics(), 0
-            sampled_groups = []  # both waves of every round, before merging and filtering (for samples.jsonl)
-            while len(groups) < config.train.prompts_per_step and rounds < max_sampling_rounds(algorithm):
-                rounds += 1  # Filter-GRPO samples more prompts while dropped groups leave the batch short
-                prompts = self.rollout.loader.next_batch(config.train.prompts_per_step - len(groups))
-                self.run_log.phase("rollout")
-                wave, sampled = first_wave(engine, tokenize, prompts, **waves)
-                wave, scored = score_groups(wave, pool, prefix="rollout")
-                metrics += sampled + scored
-                sampled_groups += wave
-                if guide.enabled:
-                    unsolved = find_unsolved_groups(wave, threshold=guide.threshold)
-                    self.run_log.phase("guide wave")
-                    if guide.hint_source == "self":  # the policy writes the hints the data lacks
-                        wave, written, wrote = self_written_hints(
-                            engine, tokenize, wave, unsolved, self.rollout.loader.self_hints,
-                            sampling=waves["sampling"], max_new_tokens=guide.self_hint_max_tokens,
-                        )  # fmt: skip
-                        self.rollout.loader.update_self_hints(written)
-                        metrics += wrote
-                    levels = dict(self.rollout.loader.hint_levels) if guide.levels.adaptive else None
-                    plan, guided, sampled = guided_waves(
-                        engine, tokenize, pool, wave, unsolved, template=guide.hint_template, levels=levels,
-                        max_extra_waves=guide.levels.max_extra_waves, **waves,
-                    )  # fmt: skip
-                    sampled_groups += guided.values()
-                    merged, dropped = merge_guided_groups(
-                        wave, guided, mode=guide.merge, drop_equal_rewards=guide.drop_equal_rewards
-                    )
-                    metrics += sampled + guide_metrics(wave, unsolved, plan, guided, dropped)
-                    if levels is not None:  # graded hints: each problem's next start level
-                        updates = hint_level_updates(
-                            wave, unsolved, plan, guided, levels=levels, target=guide.levels.target_success,
-                            tolerance=guide.levels.tolerance,
-                        )  # fmt: skip
-                        self.rollout.loader.update_hint_levels(updates)
-                    wave = merged
-                if algorithm.filter_groups:
-                    wave, filtered = keep_groups_with_variance(wave)
-                    metrics += filtered
-                groups += wave
-            self.run_log.samples(self.step_index + 1, sampled_groups)
+            groups, metrics, rounds = self._sample_groups()
             payload = self._pack(groups, metrics, rounds=rounds)
         self._engines_done_sampling()
         batch, advantages_S, metrics = self._share(payload)
@@ -247,6 +200,71 @@ class Trainer:
                 self.engines.local.wake(parts=("kv_cache",))
         metrics["perf/train_tokens_per_s"] = metrics["train/num_tokens"] / max(timer.seconds["train"], 1e-9)
         return {**metrics, **timer.metrics(), "train/skipped_step": 0.0, "time/step_s": time.perf_counter() - start}
+
+    def _sample_groups(self) -> tuple[list[RolloutGroup], Metrics, int]:
+        """Rank 0: the step's trainable groups, their metrics and the number of sampling rounds. Each round is the
+        first wave, its scores, Guide's hinted waves and Filter-GRPO; Filter-GRPO samples more prompts while
+        dropped groups leave the step short. Every sampled group of both waves goes to samples.jsonl."""
+        config = self.config
+        waves = {
+            "sampling": SamplingParams.from_config(config.rollout, seed=step_seed(config.train.seed, self.step_index)),
+            "group_size": config.rollout.group_size,
+        }
+        groups, metrics, rounds, sampled_groups = [], Metrics(), 0, []
+        while len(groups) < config.train.prompts_per_step and rounds < max_sampling_rounds(config.algorithm):
+            rounds += 1
+            prompts = self.rollout.loader.next_batch(config.train.prompts_per_step - len(groups))
+            self.run_log.phase("rollout")
+            wave, sampled = first_wave(self.rollout.engine, self.rollout.tokenize, prompts, **waves)
+            wave, scored = score_groups(wave, self.rollout.reward_pool, prefix="rollout")
+            metrics += sampled + scored
+            sampled_groups += wave
+            if config.algorithm.guide.enabled:
+                self.run_log.phase("guide wave")
+                wave, guided_metrics, guided_groups = self._guide(wave, waves)
+                metrics += guided_metrics
+                sampled_groups += guided_groups
+            if config.algorithm.filter_groups:
+                wave, filtered = keep_groups_with_variance(wave)
+                metrics += filtered
+            groups += wave
+        self.run_log.samples(self.step_index + 1, sampled_groups)
+        return groups, metrics, rounds
+
+    def _guide(self, wave: list[RolloutGroup], waves: dict) -> tuple[list[RolloutGroup], Metrics, list]:
+        """Rank 0, Guide on one first wave: (the wave with its unsolved groups merged with their hinted samples,
+        the metrics, the hinted groups as sampled). Self-written hints and graded levels live in the loader."""
+        guide, loader = self.config.algorithm.guide, self.rollout.loader
+        engine, tokenize, metrics = self.rollout.engine, self.rollout.tokenize, Metrics()
+        unsolved = find_unsolved_groups(wave, threshold=guide.threshold)
+        if guide.hint_source == "self":  # the policy writes the hints the data lacks
+            wave, written, metrics = self_written_hints(
+                engine, tokenize, wave, unsolved, loader.self_hints,
+                sampling=waves["sampling"], max_new_tokens=guide.self_hint_max_tokens,
+            )  # fmt: skip
+            loader.update_self_hints(written)
+        levels = dict(loader.hint_levels) if guide.levels.adaptive else None
+        plan, guided, sampled = guided_waves(
+            engine, tokenize, self.rollout.reward_pool, wave, unsolved, template=guide.hint_template, levels=levels,
+            max_extra_waves=guide.levels.max_extra_waves, **waves,
+        )  # fmt: skip
+        merged, dropped = merge_guided_groups(
+            wave, guided, mode=guide.merge, drop_equal_rewards=guide.drop_equal_rewards
+        )
+        metrics += sampled + guide_metrics(wave, unsolved, plan, guided, dropped)
+        if levels is not None:  # graded hints: each problem's next start level
+            loader.update_hint_levels(
+                hint_level_updates(
+                    wave,
+                    unsolved,
+                    plan,
+                    guided,
+                    levels=levels,
+                    target=guide.levels.target_success,
+                    tolerance=guide.levels.tolerance,
+                )  # fmt: skip
+            )
+        return merged, metrics, list(guided.values())
 
     def _share(self, payload: tuple) -> tuple:
         """This rank's share of the step as (TrainBatch, group advantages [S] or None) and the step's metrics so
