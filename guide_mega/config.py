@@ -527,18 +527,21 @@ def _cross_checks(config: Config) -> list[str]:
     for name in ("prompt", "hint"):
         if "{" + name + "}" not in guide.hint_template:
             errors.append(f"algorithm.guide.hint_template: must contain {{{name}}}, got {guide.hint_template!r}")
+    if guide.teacher_coef > 0 and guide.merge != "pool":
+        # replace mode drops the failed hint-free samples the teacher term would train on
+        errors.append("algorithm.guide.teacher_coef: needs algorithm.guide.merge=pool")
     if config.train.eval_every and not config.data.eval_source:
         errors.append("train.eval_every: needs data.eval_source (held-out problems)")
     if config.train.prompts_per_step % config.train.mini_batches_per_step:
         errors.append("train.mini_batches_per_step: must divide train.prompts_per_step")
-    if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
-        errors.append("logging.wandb.enabled: the wandb package is not installed (pip install 'guide-mega[wandb]')")
     reward = config.reward
     if reward.name == "code" and reward.timeout_s < reward.code_timeout_s:
         errors.append(
             f"reward.timeout_s: {reward.timeout_s} is shorter than reward.code_timeout_s {reward.code_timeout_s}, "
             "the limit of one program run (each test is a run of its own)"
         )
+    if config.logging.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        errors.append("logging.wandb.enabled: the wandb package is not installed (pip install 'guide-mega[wandb]')")
     return errors
 
 

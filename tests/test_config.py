@@ -48,6 +48,10 @@ def test_round_trip(tmp_path):
         ("algorithm:\n  guide:\n    merge: mix\n", ["run.yaml", "algorithm.guide.merge", "'replace'"]),
         ("rollout: 3\n", ["run.yaml", "rollout", "expected a mapping"]),
         ("parallel:\n  sequence_parallel: true\n", ["run.yaml", "parallel.sequence_parallel", "tensor > 1"]),
+        (
+            "algorithm:\n  guide:\n    teacher_coef: 0.1\n",
+            ["run.yaml", "algorithm.guide.teacher_coef", "merge=pool"],
+        ),
         ("- a\n", ["run.yaml", "top level"]),
         ("a: [1,\n", ["run.yaml", "invalid YAML"]),
     ],
