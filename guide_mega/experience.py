@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
+from guide_mega.algorithms.filtering import has_reward_variance
 from guide_mega.algorithms.guide import HintPlan, escalation_plan, level_metrics, plan_hints, with_hint_level
 from guide_mega.data.hints import SELF_HINT_STRENGTHS, accept_self_hint, self_hint_request
 from guide_mega.metrics import Metrics
@@ -235,7 +236,8 @@ def self_written_hints(
 def score_groups(
     groups: list[RolloutGroup], reward_pool: RewardPool, *, prefix: str
 ) -> tuple[list[RolloutGroup], Metrics]:
-    """The groups with their rollouts' rewards; the mean reward and accuracy under `prefix`, and time/reward_s."""
+    """The groups with their rollouts' rewards; the mean reward and accuracy under `prefix`, how many groups have
+    reward variance (the ones plain GRPO learns from), and time/reward_s."""
     start = time.perf_counter()
     scored, results = reward_pool.score_groups(groups)
     count = len(results)
@@ -246,4 +248,8 @@ def score_groups(
     for name in sorted({name for result in results for name in result.extras}):
         values = [result.extras[name] for result in results if name in result.extras]
         means[f"{prefix}/reward_extra/{name}"] = (sum(values) / len(values), len(values))
-    return scored, Metrics(counts={"time/reward_s": time.perf_counter() - start}, means=means)
+    counts = {
+        f"{prefix}/num_groups_with_variance": sum(has_reward_variance(group) for group in scored),
+        "time/reward_s": time.perf_counter() - start,
+    }
+    return scored, Metrics(counts=counts, means=means)

@@ -51,14 +51,12 @@ def describe_run(rows: list[dict], config: Config) -> str:
     if trained is not None:
         filtered = f", after Filter-GRPO dropped {dropped} without reward variance" if dropped else ""
         lines.append(f"The policy trained on {_count(trained, 'group')}{filtered}.")
-    if prompts is not None and unsolved is not None and guide.threshold == 0:
-        at_most = f"at most {_count(prompts - unsolved, 'group')}" if prompts > unsolved else "no group"
+    with_signal = _total(rows, "rollout/num_groups_with_variance")
+    if prompts is not None and with_signal is not None:
         lines.append(
-            f"Plain GRPO would have had {at_most} with a learning signal: an unsolved group's rewards are all 0, so "
-            "its advantages are 0."
+            f"Plain GRPO would have had {_count(with_signal, 'group') if with_signal else 'no group'} with a learning "
+            f"signal out of {prompts}: a group whose rewards are all equal (all wrong or all right) has advantages 0."
         )
-    elif prompts is not None and dropped is not None and not guide.enabled:
-        lines.append(f"{dropped} of {prompts} groups had equal rewards: no learning signal for plain GRPO.")
     run_dir = Path(config.logging.run_dir)
     samples = f"rollout samples (prompt, hint, response, reward): {run_dir / 'samples.jsonl'}; "
     lines.append(

@@ -86,6 +86,7 @@ def test_first_wave_samples_and_scores_each_prompt(reward_pool):
     metrics = (sampled + rewards).as_dict()
     assert metrics["rollout/num_rollouts"] == 8 and metrics["rollout/generated_tokens"] == 24
     assert metrics["rollout/accuracy"] == pytest.approx(0.25) and metrics["time/reward_s"] >= 0
+    assert metrics["rollout/num_groups_with_variance"] == 1  # the half-solved group; the unsolved one has none
 
 
 def test_hinted_wave_samples_only_unsolved_prompts_with_a_hint(reward_pool):
