@@ -19,5 +19,8 @@ PY=${PYTHON:-.venv/bin/python}
 NPROC=${NPROC:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 # One OpenMP thread per rank on shared CPUs unless the caller says otherwise.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
+# A user's mistake (config, data, model path, reward) is one line and exit 2 here, before torchrun starts the ranks
+# (each would print it, and torchrun its own failure report after it).
+"$PY" -m guide_mega.cli train --dry-run --config "$config" "$@" >/dev/null
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
   -m guide_mega.cli train --config "$config" "$@"
