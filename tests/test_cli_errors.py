@@ -149,3 +149,15 @@ def test_convert_names_a_source_that_is_not_a_checkpoint(tmp_path):
     assert line == f"guide-mega convert: error: source: {missing} is not an HF model directory (no config.json there)"
     line = first_error_line("convert", "megatron-to-hf", str(tmp_path), str(tmp_path / "out"))
     assert line == f"guide-mega convert: error: source: {tmp_path} is not a Megatron checkpoint (no guide_mega.json)"
+
+
+def test_train_sh_stops_a_mistake_before_torchrun_starts_any_rank():
+    result = subprocess.run(
+        ["bash", "scripts/train.sh", DEMO, "train.stepz=3"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "guide-mega train: error: config error in command-line override 'train.stepz=3': train.stepz: unknown key "
+        "(did you mean 'train.steps'?)"
+    ]
