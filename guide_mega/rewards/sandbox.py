@@ -61,11 +61,13 @@ class SandboxLimits:
     memory_mb: int = 512
     """Address-space limit (RLIMIT_AS); an allocation beyond it fails with MemoryError."""
     output_bytes: int = 4 << 20
-    """Most bytes kept of stdout and of stderr; a program that writes more is killed (status output_limit)."""
+    """Most bytes kept of stdout, of stderr and of the harness's report (which carries a test's value); a run that
+    writes more is killed (status output_limit)."""
     file_mb: int = 16
     """Largest file the program may write (RLIMIT_FSIZE)."""
     processes: int = 8
-    """Processes the program may start (forks of its main process; beyond what its user already runs)."""
+    """Processes and threads the program may start: a pids cgroup per run (threads count) under the OS boundary
+    where one can be made, else RLIMIT_NPROC beyond what the user already runs; the audit hook caps forks too."""
     open_files: int = 64
     """Open file descriptors (RLIMIT_NOFILE)."""
     disk_mb: int = 64
