@@ -11,8 +11,9 @@ same model, seeded requests and sampling, in two workloads:
 
 Ceiling: the model's GEMMs (its own Linear weights, at the batch width's rows) are timed in the same run,
 interleaved with the engines; generated tokens/s x FLOPs per token (2 x matmul parameters + attention over the mean
-context) over that rate is the share reported. A profile of one fixed run per engine (torch.profiler) splits the
-wall time into GEMM, attention, KV cache copies, sampling, other ops, and Python (the rest). With --sglang, a local
+context) over that rate is the share reported. A profile of a fixed run per engine (torch.profiler, the faster of
+two) splits the wall time into GEMM, attention, KV cache copies, sampling, other ops, and Python (the rest).
+With --sglang, a local
 SGLang server (its own virtual environment, guide_mega.rollout.sglang_server) runs the fixed workload too.
 Prints tables, writes them to benchmarks/results/rollout_cpu_<date>.md, and prints one JSON line last.
 
@@ -231,10 +232,13 @@ def main() -> None:
         candidate.generate(workloads["fixed"][0][:2], SamplingParams(temperature=0, max_new_tokens=4))
     results = _measure(engines, workloads, decode_shapes(engine.model, width), repeats=args.repeats)
     fixed_requests, fixed_sampling, fixed_seeds = workloads["fixed"]
-    profiles = {
-        name: _profile(lambda: candidate.generate(fixed_requests, fixed_sampling, seeds=fixed_seeds), module)  # noqa: B023
-        for name, candidate, module in (("v1", engines["v1"], engines["v1"].decode), ("HFEngine", engine, hf_decode))
-    }
+    # Two profiled runs per engine, interleaved; the faster of each is kept (a load spike only ever slows one down).
+    profiles: dict[str, dict[str, float]] = {}
+    for _ in range(2):
+        for name, candidate, module in (("v1", engines["v1"], engines["v1"].decode), ("HFEngine", engine, hf_decode)):
+            split = _profile(lambda: candidate.generate(fixed_requests, fixed_sampling, seeds=fixed_seeds), module)  # noqa: B023
+            if name not in profiles or split["wall"] < profiles[name]["wall"]:
+                profiles[name] = split
     sglang = _bench_sglang(model_dir, fixed_requests, fixed_sampling, args) if args.sglang else None
     _report(args, engine.model, workloads, results, profiles, sglang=sglang, load=os.getloadavg())
 
