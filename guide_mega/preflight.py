@@ -14,6 +14,7 @@ from guide_mega.config import Config, DataConfig, RewardConfig, RolloutConfig
 from guide_mega.data.embedded_model import EMBEDDED_PREFIX, embedded_gguf_path, resolve_model_path
 from guide_mega.data.sources import check_prompt_file, is_prompt_file, load_prompt_source
 from guide_mega.rewards.custom import is_custom_reward
+from guide_mega.rewards.sandbox import require_boundary
 from guide_mega.rewards.verifiers import check_reward_name
 
 SUPPORTED_ARCHITECTURES = "Llama-3 (model_type llama), Qwen2 / Qwen2.5 (qwen2) and Qwen3 (qwen3) dense decoders"
@@ -32,8 +33,11 @@ def check_prompt_source(source: str, data: DataConfig, *, key: str) -> None:
 
 def check_reward(reward: RewardConfig) -> None:
     """reward.name is a registered verifier or an importable function of the right signature; a function of one's
-    own takes none of the built-in verifiers' answer-format options (they would be silently ignored)."""
+    own takes none of the built-in verifiers' answer-format options (they would be silently ignored); code rewards
+    have an OS sandbox here or are told to run without one (reward.allow_weak_sandbox)."""
     check_reward_name(reward.name)
+    if reward.name == "code":
+        require_boundary(allow_weak=reward.allow_weak_sandbox)
     if not is_custom_reward(reward.name):
         return
     for key in ("format_gate", "format_bonus", "lenient"):

@@ -7,6 +7,7 @@ import pytest
 
 from guide_mega.config import RewardConfig
 from guide_mega.doctor import sandbox_isolation
+from guide_mega.preflight import check_reward
 from guide_mega.rewards import boundary
 from guide_mega.rewards.pool import RewardPool
 from guide_mega.rewards.sandbox import SandboxLimits, SandboxUnavailableError, run_program
@@ -55,3 +56,11 @@ def test_without_bubblewrap_code_rewards_refuse_unless_allowed(without_bubblewra
 def test_other_rewards_do_not_need_the_sandbox(without_bubblewrap):
     with RewardPool.from_config(RewardConfig(name="exact_match", num_workers=1)) as pool:
         assert [result.correct for result in pool.score(["Answer: 4"], ["4"], [{}])] == [True]
+
+
+def test_the_refusal_comes_before_any_model_loads(without_bubblewrap):
+    """`train` and `train --dry-run` run the preflight checks before loading a model."""
+    with pytest.raises(SandboxUnavailableError, match="reward.allow_weak_sandbox=true"):
+        check_reward(RewardConfig(name="code"))
+    check_reward(RewardConfig(name="code", allow_weak_sandbox=True))
+    check_reward(RewardConfig(name="math"))
