@@ -8,8 +8,9 @@ The tests are `Prompt.metadata["tests"]`, or else the ground-truth answer parsed
     {"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...],     # stdin -> expected stdout pairs
      "asserts": ["assert add(1, 2) == 3", ...]}               # statements run after the program
 
-Either list may be missing, not both. Each test is its own sandboxed run (`sandbox.run_program`), and each is
-judged outside the program, by what it cannot forge:
+Either list may be missing, not both; where both are given, assert tests get the first stdin test's input (a program
+that reads stdin at its top level would otherwise fail them). Each test is its own sandboxed run
+(`sandbox.run_program`), and each is judged outside the program, by what it cannot forge:
 
 - stdin: the program exits 0 and its stdout equals the expected output up to trailing whitespace on each line and
   at the end. The expected output never enters the sandbox.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -123,7 +125,9 @@ def load_tests(answer: str | list[str], metadata: dict[str, Any]) -> list[CodeTe
     if len(inputs) != len(outputs):
         raise ValueError(f"code reward: {len(inputs)} test inputs but {len(outputs)} outputs")
     tests = [CodeTest(stdin=stdin, expected_stdout=expected) for stdin, expected in zip(inputs, outputs, strict=True)]
-    tests += [assert_test(statement) for statement in spec.get("asserts", [])]
+    # A program that reads stdin at its top level needs some for its assert tests too: the first stdin test's.
+    assert_stdin = inputs[0] if inputs else ""
+    tests += [dataclasses.replace(assert_test(statement), stdin=assert_stdin) for statement in spec.get("asserts", [])]
     if not tests:
         raise ValueError("code reward: the test spec has no inputs/outputs and no asserts")
     return tests

@@ -42,7 +42,7 @@ def test_load_tests_from_metadata_or_the_json_answer():
     from_answer = load_tests(json.dumps({"inputs": ["1\n"], "outputs": ["1\n"], "asserts": ["assert f() == 1"]}), {})
     assert from_answer == [
         CodeTest(stdin="1\n", expected_stdout="1\n"),
-        CodeTest(expression="f()", expected=1),
+        CodeTest(stdin="1\n", expression="f()", expected=1),  # the first stdin test's input, for top-level reads
     ]
     assert load_tests("ignored", {"tests": {"asserts": ["assert True"]}}) == [CodeTest(statements="assert True")]
     assert load_tests("", {"tests": {"asserts": ["assert (1, [2]) == g(x=3)", "assert f() in (1, 2)"]}}) == [
