@@ -1,4 +1,5 @@
-"""Run configuration: nested dataclasses, YAML files, dotted command-line overrides and validation.
+"""Run configuration: the schema (nested dataclasses, a docstring under each field), the checks between fields,
+and loading a run's config from a YAML file and dotted command-line overrides (`config_loading` does the reading).
 
 A YAML file lists only what differs from the defaults; `section.sub.key=value` overrides on the command line go
 on top. Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the key path and the file
@@ -8,29 +9,23 @@ on top. Unknown keys, wrong types and out-of-range values raise `ConfigError` na
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
-import math
-import operator
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value, with the key path and where it came from."""
-
-
-def ranged(
-    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
-) -> Any:
-    """A dataclass field whose value must lie in the given bounds (checked when the config is loaded)."""
-    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+from guide_mega.config_loading import (
+    ConfigError,
+    build_dataclass,
+    load_yaml,
+    merge_override,
+    origin_of_message,
+    parse_override,
+    ranged,
+    record_origins,
+)
 
 
 @dataclass(kw_only=True)
@@ -394,124 +389,6 @@ RENAMED_KEYS = {
     "algorithm.guide.clip_high": "algorithm.guide.off_policy_clip_high",
     "rollout.sglang_url": "rollout.sglang_urls",
 }
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _finite_float(value: str | int | float, key: str) -> float:
-    """float(value), refusing infinity and NaN: no limit, timeout or rate means anything there."""
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ConfigError(f"{key}: expected a finite number, got an integer too large for a float") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: expected a finite number, got {number}")
-    return number
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the type `hint` and convert lossless cases (int -> float, '1e-6' -> float)."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{key}: must be one of {list(typing.get_args(hint))}, got {value!r}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(element, item, f"{key}[{index}]") for index, element in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if hint is float:
-        # PyYAML reads '1e-6' (no dot) as a string, so numeric text is accepted for float fields.
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return _finite_float(value, key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return _finite_float(value, key)
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif hint in (bool, str) and isinstance(value, hint):
-        return value
-    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__} {value!r}")
-
-
-_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
-
-
-def _check_range(value: Any, metadata: typing.Mapping, key: str) -> None:
-    for name, (holds, symbol) in _BOUNDS.items():
-        bound = metadata.get(name)
-        if value is not None and bound is not None and not holds(value, bound):
-            raise ConfigError(f"{key}: must be {symbol} {bound}, got {value!r}")
-
-
-def _key_paths(cls: type, prefix: str = "") -> list[str]:
-    """Every key path of dataclass `cls`, sections and leaves."""
-    hints = typing.get_type_hints(cls)
-    paths = []
-    for item in dataclasses.fields(cls):
-        paths.append(f"{prefix}{item.name}")
-        if dataclasses.is_dataclass(hints[item.name]):
-            paths += _key_paths(hints[item.name], f"{prefix}{item.name}.")
-    return paths
-
-
-def _suggestion(name: str, cls: type, prefix: str) -> str:
-    """' (did you mean 'x'?)' for unknown key `name`: the closest key of its section, else of the whole config."""
-    close = difflib.get_close_matches(name, [item.name for item in dataclasses.fields(cls)], n=1)
-    if close:
-        return f" (did you mean {prefix + close[0]!r}?)"
-    by_name = {path.rpartition(".")[2]: path for path in reversed(_key_paths(Config))}
-    close = difflib.get_close_matches(name, list(by_name), n=1)
-    return f" (did you mean {by_name[close[0]]!r}?)" if close else ""
-
-
-def _origin_of_key(key: str, origins: dict[str, str]) -> str:
-    """Where `key` was set: itself, its section, or a key below it (a value overridden as if it were a section)."""
-    candidates = [key, key.rpartition(".")[0], *(name for name in origins if name.startswith(f"{key}."))]
-    return next((origins[name] for name in candidates if name in origins), "defaults")
-
-
-def _origin_of_message(message: str, origins: dict[str, str], default: str) -> str:
-    """Where the keys that a cross-check message names were set, a command-line override first (it is the change
-    the user just made)."""
-    named = [origins[key] for key in re.findall(r"[a-z0-9_]+(?:\.[a-z0-9_]+)+", message) if key in origins]
-    overrides = [where for where in named if where.startswith("command-line override")]
-    return (overrides or named or [default])[0]
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str, origins: dict[str, str]) -> Any:
-    """Instantiate dataclass `cls` from a nested dict, checking keys, types and ranges."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__} {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        try:
-            if key in RENAMED_KEYS:
-                raise ConfigError(f"{key}: renamed to {RENAMED_KEYS[key]}")
-            if name not in fields:
-                raise ConfigError(f"{key}: unknown key{_suggestion(name, cls, prefix)}")
-            if dataclasses.is_dataclass(hints[name]):
-                kwargs[name] = _build(hints[name], value, f"{key}.", origins)
-                continue
-            kwargs[name] = _coerce(value, hints[name], key)
-            _check_range(kwargs[name], fields[name].metadata, key)
-        except ConfigError as exc:
-            if str(exc).startswith("config error in"):
-                raise
-            raise ConfigError(f"config error in {_origin_of_key(key, origins)}: {exc}") from None
-    return cls(**kwargs)
 
 
 def _cross_checks(config: Config) -> list[str]:
@@ -545,96 +422,28 @@ def _cross_checks(config: Config) -> list[str]:
     return errors
 
 
-class _YamlRefusal(yaml.YAMLError):
-    """YAML that parses but that a config refuses, at a line."""
-
-    def __init__(self, mark: yaml.Mark, reason: str) -> None:
-        super().__init__(reason)
-        self.line, self.reason = mark.line + 1, reason
-
-
-class _StrictYamlLoader(yaml.SafeLoader):
-    """YAML as a config needs it: no aliases (so no alias bomb), string keys only (`1:`, `null:`, and `on:` or `yes:`,
-    which YAML 1.1 reads as booleans, are refused) and no key given twice (YAML would keep the last one silently)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise _YamlRefusal(self.peek_event().start_mark, "aliases (*name) are not supported in configs")
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        first_lines: dict[str, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, str):
-                reason = f"key {key_node.value!r} is read as {type(key).__name__} {key!r}, not a string; quote it"
-                raise _YamlRefusal(key_node.start_mark, reason)
-            if key in first_lines:
-                reason = f"key {key!r} is given twice (first at line {first_lines[key]})"
-                raise _YamlRefusal(key_node.start_mark, reason)
-            first_lines[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    """`text` parsed by _StrictYamlLoader; any problem is one ConfigError line naming `where` (and the line)."""
-    try:
-        return yaml.load(text, Loader=_StrictYamlLoader)
-    except _YamlRefusal as exc:
-        raise ConfigError(f"config error in {where}, line {exc.line}: {exc.reason}") from None
-    except RecursionError:
-        raise ConfigError(f"config error in {where}: nested too deeply") from None
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer past Python's digit limit
-        raise ConfigError(f"config error in {where}: invalid YAML: {' '.join(str(exc).split())}") from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'algorithm.guide.threshold=0.125' -> (['algorithm', 'guide', 'threshold'], 0.125); values parse as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise ConfigError(f"config error in command-line override {text!r}: expected section.key=value")
-    return key.strip().split("."), _load_yaml(raw, f"command-line override {text!r}") if raw.strip() else ""
-
-
-def _merge(target: dict, path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        node = target.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config error in command-line override: {'.'.join(path)}: {part} is not a section")
-        target = node
-    target[path[-1]] = value
-
-
-def _record_origins(values: Any, prefix: str, where: str, origins: dict[str, str]) -> None:
-    if isinstance(values, dict):
-        for name, value in values.items():
-            key = f"{prefix}{name}"
-            origins[key] = where
-            _record_origins(value, f"{key}.", where, origins)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then the dotted overrides, validated."""
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
         try:
-            loaded = _load_yaml(Path(path).read_text(), str(path))
+            loaded = load_yaml(Path(path).read_text(), str(path))
         except OSError as exc:
             raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error in {path}: the top level must be a mapping")
         values = loaded or {}
-        _record_origins(values, "", str(path), origins)
+        record_origins(values, "", str(path), origins)
     for text in overrides:
         key_path, value = parse_override(text)
-        _merge(values, key_path, value)
-        _record_origins({".".join(key_path): value}, "", f"command-line override {text!r}", origins)
-    config = _build(Config, values, "", origins)
+        merge_override(values, key_path, value)
+        record_origins({".".join(key_path): value}, "", f"command-line override {text!r}", origins)
+    config = build_dataclass(Config, values, "", origins=origins, renamed=RENAMED_KEYS, root=Config)
     errors = _cross_checks(config)
     if errors:
         default = str(path) if path is not None else "defaults"
-        raise ConfigError("; ".join(f"config error in {_origin_of_message(e, origins, default)}: {e}" for e in errors))
+        raise ConfigError("; ".join(f"config error in {origin_of_message(e, origins, default)}: {e}" for e in errors))
     return config
 
 
