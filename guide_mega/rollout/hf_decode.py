@@ -1,7 +1,7 @@
 """HFEngine's sampling loop over a transformers causal LM: continuous batching, one prefill per distinct prompt.
 
 Shape legend: W slots (the batch width), A running slots, U distinct prompts prefilled together, P padded prefix
-length, L layers, H key/value heads, N prefix tokens, D head dimension, V vocabulary.
+length, L layers, Z = 2 (keys, values), H key/value heads, N prefix tokens, D head dimension, V vocabulary.
 
 RL rollouts ask for G samples of each prompt, and most samples stop long before max_new_tokens. Requests wait in a
 queue for one of W decode slots (a `SlotCache`, preallocated); when a sequence finishes, the next waiting request

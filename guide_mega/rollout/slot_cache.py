@@ -1,7 +1,7 @@
 """A preallocated KV cache of fixed-width decode slots, for HFEngine's continuous batching.
 
-Shape legend: L model layers, W slots, A running slots (always the first A), H key/value heads, C cache columns,
-K attended columns, D head dimension, N prefix tokens.
+Shape legend: L model layers, Z = 2 (keys, values), W slots, A running slots (always the first A), H key/value
+heads, C cache columns, K attended columns, D head dimension, N prefix tokens, Q = 1 query position.
 
 Every running slot writes its new key/value at the same column each step, so a step is one indexed write per
 layer instead of transformers' DynamicCache concatenation (a copy of the whole cache per layer per step). A slot's
