@@ -7,7 +7,8 @@ from pathlib import Path
 from guide_mega.config import RolloutConfig
 from guide_mega.rollout.engine import RolloutEngine
 from guide_mega.rollout.hf_engine import HFEngine
-from guide_mega.rollout.sglang_engine import SGLangColocatedEngine, SGLangServerEngine
+from guide_mega.rollout.sglang_colocated import SGLangColocatedEngine
+from guide_mega.rollout.sglang_engine import SGLangServerEngine
 
 
 def create_rollout_engine(

@@ -1,9 +1,10 @@
-"""SGLang rollout engines: a client of running SGLang servers (HTTP), and an in-process colocated `sglang.Engine`.
+"""The SGLang client: a `RolloutEngine` over running SGLang servers (HTTP), and the request and answer formats it
+shares with the in-process colocated engine (`sglang_colocated.py`).
 
-This is the only module that imports sglang (lazily, in the colocated engine). Both engines send token ids and get
-token ids back, with `return_logprob`: SGLang's default logprob is log softmax(logits / T) of the sampled token,
-before top-k/top-p truncation, which is the convention of `engine.py` (SGLANG_RETURN_ORIGINAL_LOGPROB must stay
-unset). Stop strings are kept in the text (`no_stop_trim`), as HFEngine keeps them.
+Both engines send token ids and get token ids back, with `return_logprob`: SGLang's default logprob is
+log softmax(logits / T) of the sampled token, before top-k/top-p truncation, which is the convention of `engine.py`
+(SGLANG_RETURN_ORIGINAL_LOGPROB must stay unset). Stop strings are kept in the text (`no_stop_trim`), as HFEngine
+keeps them.
 
 Separate servers (`SGLangServerEngine`): each generate call is spread over the servers that answer /health, balanced
 by expected tokens (one URL, a server or an sgl-router that balances itself, gets everything). A request's own seed
@@ -13,9 +14,6 @@ Weights reach every server, by `update_weights_from_disk` (safetensors in a dire
 `update_weights_from_distributed` over one weight group spanning this process and all servers' workers
 (`weight_group.py`: NCCL on GPUs, gloo on CPUs). `check_weights` reads a few tensors' first values back from every
 server (`/get_weights_by_name`) and compares them with the trainer's.
-
-The colocated engine passes tensors in memory with `update_weights_from_tensor`, one bucket at a time, and
-releases its memory while the policy trains.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ from guide_mega.rollout.engine import (
     WAKE_PARTS,
     Completion,
     SamplingParams,
-    bucket_named_tensors,
     compare_weight_heads,
     weight_head,
 )
@@ -596,82 +593,3 @@ class SGLangServerEngine:
             destroy_weight_group(self._weight_group)
             self._weight_group = None
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _check_engine_answer(answer: Any, call: str) -> None:
-    """sglang.Engine's weight calls answer (success, message); a refusal must not pass silently."""
-    if isinstance(answer, tuple) and answer and answer[0] is False:
-        raise SGLangServerError(f"sglang.Engine.{call} failed: {answer[1] if len(answer) > 1 else answer}")
-
-
-class SGLangColocatedEngine:
-    """`RolloutEngine` over an in-process `sglang.Engine` sharing the GPUs with training (memory saver on)."""
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        mem_fraction_static: float,
-        bucket_bytes: int,
-        tp_size: int = 1,
-        dtype: str = "bfloat16",
-        random_seed: int = 0,
-        enable_memory_saver: bool = True,
-        **engine_options: Any,
-    ) -> None:
-        import sglang
-
-        self.bucket_bytes = bucket_bytes
-        self._engine = sglang.Engine(
-            model_path=str(model_path),
-            mem_fraction_static=mem_fraction_static,
-            tp_size=tp_size,
-            dtype=dtype,
-            random_seed=random_seed,
-            enable_memory_saver=enable_memory_saver,
-            **engine_options,
-        )
-
-    @classmethod
-    def from_config(cls, model_path: str | Path, config: RolloutConfig, **options: Any) -> SGLangColocatedEngine:
-        return cls(
-            model_path,
-            mem_fraction_static=config.sglang_mem_fraction,
-            bucket_bytes=config.weight_bucket_mb << 20,
-            **options,
-        )
-
-    def generate(
-        self, requests: Sequence[Sequence[int]], sampling: SamplingParams, *, seeds: Sequence[int] | None = None
-    ) -> list[Completion]:
-        """Completions in request order; with `seeds`, each request carries its own sampling seed."""
-        outputs = self._engine.generate(
-            input_ids=[list(ids) for ids in requests],
-            sampling_params=request_payloads(sampling, seeds),
-            return_logprob=True,
-        )
-        return [completion_from_output(output) for output in outputs]
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push weights one bucket at a time (bounding the extra memory), flushing the prefix cache once at the end.
-
-        SGLang >= 0.5.20 takes weights only inside a begin/end weight-update session; older engines have neither call.
-        """
-        has_session = hasattr(self._engine, "begin_weight_update")
-        if has_session:
-            _check_engine_answer(self._engine.begin_weight_update(), "begin_weight_update")
-        for bucket in bucket_named_tensors(named_tensors, bucket_bytes=self.bucket_bytes):
-            answer = self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False)
-            _check_engine_answer(answer, "update_weights_from_tensor")
-        if has_session:
-            _check_engine_answer(self._engine.end_weight_update(), "end_weight_update")
-        self._engine.flush_cache()
-
-    def sleep(self) -> None:
-        self._engine.release_memory_occupation()
-
-    def wake(self, *, parts: Sequence[str] = WAKE_PARTS) -> None:
-        self._engine.resume_memory_occupation(tags=sglang_memory_tags(parts))
-
-    def close(self) -> None:
-        self._engine.shutdown()

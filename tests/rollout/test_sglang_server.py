@@ -155,7 +155,7 @@ COLOCATED_SCRIPT = """
 import sys
 import torch
 from guide_mega.rollout.engine import SamplingParams
-from guide_mega.rollout.sglang_engine import SGLangColocatedEngine
+from guide_mega.rollout.sglang_colocated import SGLangColocatedEngine
 
 model_dir, weights_path, output_path = sys.argv[1:]
 engine = SGLangColocatedEngine(model_dir, mem_fraction_static=0.3, bucket_bytes=1 << 20, dtype="float32",
