@@ -83,7 +83,8 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     """Stop strings, besides the tokenizer's end-of-sequence token."""
     batch_size: int = ranged(64, ge=1)
-    """Sequences per generate call (HF engine); SGLang batches on its own."""
+    """HF engine decode slots: sequences decoded together; a finished one's slot goes to the next waiting request
+    (continuous batching). SGLang batches on its own."""
     tensor_parallel: int = ranged(1, ge=1)
     """GPUs per rollout engine (SGLang tensor parallelism). Colocated, every group of this many GPUs on a node runs
     one engine, started by the group's first local rank; it must divide the GPUs per node."""
