@@ -170,8 +170,9 @@ def _run_test(program: str, test: CodeTest, options: RewardOptions) -> str | Non
     return _judge(test, result)
 
 
-def run_tests(program: str, tests: list[CodeTest], options: RewardOptions) -> tuple[int, str]:
-    """How many tests pass, and why the first failing one failed ('' when all pass).
+def run_tests(program: str, tests: list[CodeTest], options: RewardOptions) -> tuple[int, str, bool]:
+    """How many tests pass, why the first failing one failed ('' when all pass), and whether the time budget
+    stopped the run.
 
     Without partial credit the first failure ends the run; with a time budget, a test that could end past it is
     not started (it fails), so the reward worker finishes before the pool's deadline.
@@ -182,7 +183,7 @@ def run_tests(program: str, tests: list[CodeTest], options: RewardOptions) -> tu
     for index, test in enumerate(tests):
         budget_s = options.code_time_budget_s
         if budget_s is not None and time.monotonic() - start + run_cost_s > budget_s:
-            return passed, first_failure or f"test {index}: not run, the time budget of {budget_s:g} s is spent"
+            return passed, first_failure or f"test {index}: not run, the time budget of {budget_s:g} s is spent", True
         failure = _run_test(program, test, options)
         if failure is None:
             passed += 1
@@ -190,7 +191,7 @@ def run_tests(program: str, tests: list[CodeTest], options: RewardOptions) -> tu
         first_failure = first_failure or f"test {index}: {failure}"
         if not options.code_partial_credit:
             break
-    return passed, first_failure
+    return passed, first_failure, False
 
 
 def code_reward(
@@ -202,7 +203,7 @@ def code_reward(
     program = extract_program(response)
     if program is None:
         return RewardResult(reward=0.0, correct=False, is_formatted=False, error="no fenced code block")
-    passed, failure = run_tests(program, tests, options)
+    passed, failure, out_of_time = run_tests(program, tests, options)
     correct = passed == len(tests)
     score = passed / len(tests) if options.code_partial_credit else float(correct)
     return RewardResult(
@@ -210,5 +211,7 @@ def code_reward(
         correct=correct,
         is_formatted=True,
         extracted=program,
+        # Tests left unrun for lack of time are a timeout the pool counts (reward/num_timeouts), not a quiet 0.
+        status="timeout" if out_of_time else "ok",
         error=failure,
     )

@@ -230,7 +230,9 @@ class RewardPool:
             result = outcome.value if outcome.status == "ok" else failed_result(outcome.status, outcome.error)
             self._status_counts[result.status] += 1
             if result.status != "ok":
-                logger.warning("reward %s: %s (%s); scored 0", self.reward_name, result.status, result.error)
+                logger.warning(
+                    "reward %s: %s (%s); reward %g", self.reward_name, result.status, result.error, result.reward
+                )
             results.append(result)
         return results
 

@@ -89,6 +89,8 @@ def test_no_code_block_and_spent_time_budget_score_zero():
     budget = RewardOptions(code_limits=SandboxLimits(wall_s=2.0, os_boundary=OS_BOUNDARY), code_time_budget_s=1.0)
     result = code_reward(fenced("print(3)"), answer=json.dumps(SUM_TESTS), metadata={}, options=budget)
     assert result.reward == 0.0 and "time budget" in result.error
+    assert result.status == "timeout"  # counted by the pool as reward/num_timeouts, never a quiet 0
+    assert code_reward(fenced("print(3)"), answer=json.dumps(SUM_TESTS), metadata={}, options=OPTIONS).status == "ok"
 
 
 def _pool(num_workers: int, **overrides) -> RewardPool:
@@ -240,3 +242,12 @@ def test_stdin_and_assert_tests_mixed_in_one_spec():
     source += "    print(add(*map(int, words)))"
     result = code_reward(fenced(source), answer="", metadata=tests, options=OPTIONS)
     assert result.correct and result.error == ""
+
+
+def test_tests_the_time_budget_cannot_run_are_counted_as_timeouts():
+    """timeout_s 3 s leaves room for one run of code_timeout_s 1 s (plus the sandbox's start-up) of SUM_TESTS' 3."""
+    program = fenced("a, b = map(int, input().split())\nprint(a + b)")
+    with _pool(1, timeout_s=3.0, code_timeout_s=1.0) as pool:
+        (result,) = pool.score([program], [json.dumps(SUM_TESTS)], [{}])
+        assert (result.reward, result.status) == (0.0, "timeout") and "time budget" in result.error
+        assert pool.metrics["reward/num_timeouts"] == 1.0
