@@ -82,6 +82,7 @@ def make_batch(
         is_guided_S=is_guided_S,
         rewards_S=torch.zeros(num_seqs),
         group_ids_S=torch.arange(num_seqs) // 4,
+        hint_level_S=torch.where(is_guided_S, 0, -1),
     )
     return batch, advantages_T
 

@@ -34,8 +34,10 @@ def sample_groups(
     group_size: int,
     is_guided: bool,
     wave: str | None = None,
+    hint_levels: Sequence[int] | None = None,
 ) -> tuple[list[RolloutGroup], Metrics]:
-    """G completions per prompt under `sampled_prompt_ids`, recorded to train under `train_prompt_ids`.
+    """G completions per prompt under `sampled_prompt_ids`, recorded to train under `train_prompt_ids`, each
+    rollout tagged with its prompt's entry of `hint_levels` (the level of a hinted wave; None: -1, hint-free).
 
     Metrics, under 'guided/' for a hinted wave and 'rollout/' otherwise: generated tokens, rollouts, mean
     response length and the fraction cut at max_new_tokens; and the time spent, as time/rollout_s. With a
@@ -64,6 +66,7 @@ def sample_groups(
                 behaviour_logprobs=completion.logprobs,
                 response_text=completion.text,
                 is_guided=is_guided,
+                hint_level=-1 if hint_levels is None else hint_levels[index],
                 finish_reason=completion.finish_reason,
             )
             for completion in completions[index * group_size : (index + 1) * group_size]
@@ -130,6 +133,7 @@ def hinted_wave(
         group_size=group_size,
         is_guided=True,
         wave=wave,
+        hint_levels=plan.levels,
     )
 
 

@@ -69,6 +69,9 @@ class Rollout:
     correct: bool = False
     """Whether the verifier accepted the answer; success rates (and so 'unsolved') count these."""
     is_guided: bool = False
+    hint_level: int = -1
+    """The hint level a guided rollout was sampled at (an index into its prompt's graded hints, weakest first; a
+    single hint is level 0); -1 for a hint-free one."""
     finish_reason: FinishReason = "stop"
 
     def __post_init__(self) -> None:
@@ -115,6 +118,8 @@ class TrainBatch:
     is_guided_S: torch.Tensor
     rewards_S: torch.Tensor
     group_ids_S: torch.Tensor
+    hint_level_S: torch.Tensor
+    """The hint level each sequence was sampled at (int64; -1 exactly where the sequence is not guided)."""
     behaviour_logprobs_T: torch.Tensor | None = None
     """Per-token logprobs reported by the rollout engine under the sampled context (None if it gave none)."""
     mini_batch_S: torch.Tensor | None = None
@@ -129,12 +134,15 @@ class TrainBatch:
             "is_guided_S": self.is_guided_S.numel(),
             "rewards_S": self.rewards_S.numel(),
             "group_ids_S": self.group_ids_S.numel(),
+            "hint_level_S": self.hint_level_S.numel(),
         }
         if self.mini_batch_S is not None:
             checks["mini_batch_S"] = self.mini_batch_S.numel()
         for name, count in checks.items():
             if count != num_seqs:
                 raise ValueError(f"TrainBatch.{name} has {count} entries for {num_seqs} sequences")
+        if not torch.equal(self.hint_level_S >= 0, self.is_guided_S.bool()):
+            raise ValueError("TrainBatch.hint_level_S must be non-negative exactly where is_guided_S is true")
         self.check_per_token("response_ids_T", self.response_ids_T)
         if self.behaviour_logprobs_T is not None:
             self.check_per_token("behaviour_logprobs_T", self.behaviour_logprobs_T)

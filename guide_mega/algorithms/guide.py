@@ -3,7 +3,7 @@ paper, graded hints whose level adapts per problem, and the hint-teacher term (d
 
 Vocabulary: a *hint* is the guidance text; a rollout sampled with a hint in its context is a *guided rollout*;
 a group whose success rate is at or below the threshold is *unsolved*; a *hint level* indexes a prompt's graded
-hints, weakest first. Shape legend: G groups, T tokens, S sequences.
+hints, weakest first. Shape legend: G groups, T tokens, S sequences, L hint levels, K guided sequences.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from guide_mega.types import Prompt, PromptContent, RolloutGroup
 MergeMode = Literal["replace", "pool"]
 MERGE_MODES: tuple[str, ...] = ("replace", "pool")
 DEFAULT_HINT_TEMPLATE = "{prompt}\nHint: {hint}"
+MAX_HINT_LEVELS = 16
+"""Hint levels the per-level hint reliance counts: levels 0..15 (a guided sample at a higher level is an error)."""
 
 
 def unsolved_mask(success_rate_G: torch.Tensor, *, threshold: float = 0.0) -> torch.Tensor:
@@ -244,10 +246,7 @@ def hint_reliance(
     hint-free one, seq_ids_T each token's sequence, guided_S which sequences are guided. Returns the mean
     sequence-level log-ratio and the mean per-token log-ratio; both 0 with no guided sample.
     """
-    diff_T = (hinted_logprobs_T - plain_logprobs_T).detach().to(torch.float64)
-    num_seqs = guided_S.numel()
-    seq_sum_S = torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq_ids_T, diff_T)
-    seq_len_S = torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq_ids_T, torch.ones_like(diff_T))
+    seq_sum_S, seq_len_S = _sequence_log_ratios(hinted_logprobs_T, plain_logprobs_T, seq_ids_T, guided_S.numel())
     guided_S = guided_S.bool() & (seq_len_S > 0)
     if not guided_S.any():
         zero = torch.zeros((), dtype=torch.float32)
@@ -256,6 +255,40 @@ def hint_reliance(
         "guide/hint_reliance": seq_sum_S[guided_S].mean().float(),
         "guide/hint_reliance_per_token": (seq_sum_S[guided_S] / seq_len_S[guided_S]).mean().float(),
     }
+
+
+def hint_reliance_by_level(
+    hinted_logprobs_T: torch.Tensor,
+    plain_logprobs_T: torch.Tensor,
+    seq_ids_T: torch.Tensor,
+    hint_level_S: torch.Tensor,
+    *,
+    num_levels: int = MAX_HINT_LEVELS,
+) -> torch.Tensor:
+    """Per hint level, the sum of the guided samples' sequence-level log π(o|q,h) - log π(o|q) and their count:
+    float64 [num_levels, 2] (sums, counts add up over data-parallel shares; the mean is sum / count).
+
+    hint_level_S is each sequence's level (-1: not guided); sequences without response tokens are left out.
+    Raises when a level is not below num_levels."""
+    seq_sum_S, seq_len_S = _sequence_log_ratios(hinted_logprobs_T, plain_logprobs_T, seq_ids_T, hint_level_S.numel())
+    if hint_level_S.numel() and int(hint_level_S.max()) >= num_levels:
+        raise ValueError(f"hint level {int(hint_level_S.max())} is not below the {num_levels} levels counted")
+    kept_S = (hint_level_S >= 0) & (seq_len_S > 0)
+    levels_K = hint_level_S[kept_S]
+    sums_L = torch.zeros(num_levels, dtype=torch.float64).index_add(0, levels_K, seq_sum_S[kept_S])
+    counts_L = torch.bincount(levels_K, minlength=num_levels).to(torch.float64)
+    return torch.stack([sums_L, counts_L], dim=1)
+
+
+def _sequence_log_ratios(
+    hinted_logprobs_T: torch.Tensor, plain_logprobs_T: torch.Tensor, seq_ids_T: torch.Tensor, num_seqs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, the sum of log π(o_t|q,h) - log π(o_t|q) over its response tokens and their number: float64
+    [S] each."""
+    diff_T = (hinted_logprobs_T - plain_logprobs_T).detach().to(torch.float64)
+    seq_sum_S = torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq_ids_T, diff_T)
+    seq_len_S = torch.zeros(num_seqs, dtype=torch.float64).index_add(0, seq_ids_T, torch.ones_like(diff_T))
+    return seq_sum_S, seq_len_S
 
 
 def hint_teacher_sequences(group_ids_S: torch.Tensor, is_guided_S: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ def build_train_batch(groups: list[RolloutGroup]) -> TrainBatch:
         is_guided_S=torch.tensor([r.is_guided for r in rollouts], dtype=torch.bool),
         rewards_S=torch.tensor([r.reward for r in rollouts], dtype=torch.float32),
         group_ids_S=group_ids_S,
+        hint_level_S=torch.tensor([r.hint_level for r in rollouts], dtype=torch.int64),
         behaviour_logprobs_T=(
             torch.tensor([lp for r in rollouts for lp in r.behaviour_logprobs], dtype=torch.float32)
             if have_logprobs

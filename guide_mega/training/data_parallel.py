@@ -73,6 +73,7 @@ def select_sequences(batch: TrainBatch, seqs: list[int], mini_batch: list[int]) 
         is_guided_S=batch.is_guided_S[index_S],
         rewards_S=batch.rewards_S[index_S],
         group_ids_S=batch.group_ids_S[index_S],
+        hint_level_S=batch.hint_level_S[index_S],
         behaviour_logprobs_T=None if behaviour_T is None else behaviour_T[token_index_T],
         mini_batch_S=torch.tensor(mini_batch, dtype=torch.int64),
     )
@@ -94,7 +95,7 @@ def pack_share(batch: TrainBatch, advantages_S: torch.Tensor | None) -> tuple[to
         torch.tensor([num_seqs, num_tokens, *flags]),
         torch.tensor([len(p) for p in batch.train_prompt_ids]),
         torch.tensor([len(p) for p in batch.sampled_prompt_ids]),
-        batch.cu_seqlens_S1, batch.is_guided_S.long(), batch.group_ids_S, mini_batch_S,
+        batch.cu_seqlens_S1, batch.is_guided_S.long(), batch.group_ids_S, batch.hint_level_S, mini_batch_S,
         torch.tensor([t for p in batch.train_prompt_ids for t in p]),
         torch.tensor([t for p in batch.sampled_prompt_ids for t in p]),
         batch.response_ids_T,
@@ -116,7 +117,9 @@ def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> tuple[TrainBatch, 
         return ints[cursor - count : cursor]
 
     train_lengths, sampled_lengths = take(num_seqs).tolist(), take(num_seqs).tolist()
-    cu_seqlens_S1, is_guided_S, group_ids_S, mini_batch_S = (take(n) for n in (num_seqs + 1, *[num_seqs] * 3))
+    cu_seqlens_S1, is_guided_S, group_ids_S, hint_level_S, mini_batch_S = (
+        take(n) for n in (num_seqs + 1, *[num_seqs] * 4)
+    )
     train_ids, sampled_ids = take(sum(train_lengths)).tolist(), take(sum(sampled_lengths)).tolist()
     response_ids_T = take(num_tokens)
     rewards_S, rest = floats[:num_seqs], floats[num_seqs:]
@@ -130,6 +133,7 @@ def unpack_share(ints: torch.Tensor, floats: torch.Tensor) -> tuple[TrainBatch, 
         is_guided_S=is_guided_S.bool(),
         rewards_S=rewards_S.clone(),
         group_ids_S=group_ids_S.clone(),
+        hint_level_S=hint_level_S.clone(),
         behaviour_logprobs_T=rest[:num_tokens].clone() if has_behaviour else None,
         mini_batch_S=mini_batch_S.clone(),
     )

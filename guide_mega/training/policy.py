@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from guide_mega.algorithms.guide import hint_reliance, hint_teacher_sequences
+from guide_mega.algorithms.guide import hint_reliance, hint_reliance_by_level, hint_teacher_sequences
 from guide_mega.algorithms.losses import importance_ratio, shaping_gamma
 from guide_mega.config import AlgorithmConfig, ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig
 from guide_mega.training.architecture import read_architecture
@@ -171,14 +171,20 @@ class MegatronPolicy:
 
     @staticmethod
     def _hint_reliance(batch: TrainBatch, hinted_T: torch.Tensor, plain_T: torch.Tensor) -> dict[str, float]:
-        """`hint_reliance` over the guided samples of every data-parallel rank (absent when there are none)."""
+        """`hint_reliance` over the guided samples of every data-parallel rank, and per hint level l (mean over the
+        guided samples sampled at l) as guide/level<l>_hint_reliance (absent when there are none)."""
         count = float((batch.is_guided_S & (batch.lengths_S > 0)).sum())
         local = hint_reliance(hinted_T, plain_T, batch.seq_ids_T, batch.is_guided_S)
         names = sorted(local)
-        totals = sum_over_data_parallel(torch.tensor([float(local[name]) * count for name in names] + [count]))
-        if totals[-1] == 0:
+        by_level_L2 = hint_reliance_by_level(hinted_T, plain_T, batch.seq_ids_T, batch.hint_level_S)
+        overall = torch.tensor([float(local[name]) * count for name in names] + [count], dtype=torch.float64)
+        totals = sum_over_data_parallel(torch.cat([overall, by_level_L2.flatten()]))
+        if totals[len(names)] == 0:
             return {}
-        return {name: float(totals[index] / totals[-1]) for index, name in enumerate(names)}
+        metrics = {name: float(totals[index] / totals[len(names)]) for index, name in enumerate(names)}
+        levels_L2 = totals[len(names) + 1 :].view(-1, 2).tolist()
+        per_level = {f"guide/level{level}_hint_reliance": sum_ / n for level, (sum_, n) in enumerate(levels_L2) if n}
+        return metrics | per_level
 
     def _hint_teacher(self, batch: TrainBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The hint teacher (algorithm.guide.teacher_coef > 0): logprobs [T] of each hint-free sample of a group

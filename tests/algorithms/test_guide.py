@@ -13,6 +13,7 @@ from guide_mega.algorithms.guide import (
     guide_metrics,
     hint_level_updates,
     hint_reliance,
+    hint_reliance_by_level,
     hint_teacher_loss,
     hint_teacher_sequences,
     hinted_prompt,
@@ -160,6 +161,28 @@ def test_hint_reliance_hand_computed():
     assert metrics["guide/hint_reliance_per_token"].item() == pytest.approx((1.0 + 0.75) / 2)
     none = hint_reliance(hinted_T, plain_T, seq_ids_T, torch.zeros(3, dtype=torch.bool))
     assert none["guide/hint_reliance"].item() == 0.0
+
+
+def test_hint_reliance_by_level_matches_a_float64_loop_on_random_sequences():
+    generator = torch.Generator().manual_seed(3)
+    lengths = [3, 0, 5, 1, 4, 2, 6, 0, 2, 3]  # two empty sequences, one of them guided
+    hint_level_S = torch.tensor([-1, 2, 0, 2, -1, 1, 0, -1, 2, 0])
+    seq_ids_T = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    hinted_T, plain_T = -torch.rand(2, seq_ids_T.numel(), generator=generator, dtype=torch.float64)
+    expected = [[0.0, 0.0] for _ in range(4)]
+    start = 0
+    for length, level in zip(lengths, hint_level_S.tolist(), strict=True):
+        if level >= 0 and length:
+            expected[level][0] += sum(hinted_T[start + t].item() - plain_T[start + t].item() for t in range(length))
+            expected[level][1] += 1
+        start += length
+    sums_L2 = hint_reliance_by_level(hinted_T, plain_T, seq_ids_T, hint_level_S, num_levels=4)
+    assert sums_L2.dtype == torch.float64 and sums_L2[:, 1].tolist() == [3.0, 1.0, 2.0, 0.0]
+    torch.testing.assert_close(sums_L2, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    overall = hint_reliance(hinted_T, plain_T, seq_ids_T, hint_level_S >= 0)["guide/hint_reliance"]
+    assert overall.item() == pytest.approx((sums_L2[:, 0].sum() / sums_L2[:, 1].sum()).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="hint level 2 is not below the 2 levels"):
+        hint_reliance_by_level(hinted_T, plain_T, seq_ids_T, hint_level_S, num_levels=2)
 
 
 def test_guide_metrics_counts():

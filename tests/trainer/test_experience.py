@@ -200,6 +200,10 @@ def test_guided_waves_escalate_a_failed_wave_one_level_within_the_step(reward_po
         assert values["guide/num_escalated_groups"] == 0 and values["guide/level1_groups"] == 1
     assert values["guide/level0_groups"] == 2 and values["guide/level0_success_rate"] == pytest.approx(2 / 8)
     assert guided[1].success_rate == 0.5 and all(r.is_guided for r in guided[1].rollouts)
+    assert [{r.hint_level for r in guided[index].rollouts} for index in plan.group_indices] == [
+        {level} for level in plan.levels
+    ]  # each guided rollout knows the level it was sampled at
+    assert {r.hint_level for group in groups for r in group.rollouts} == {-1}
 
 
 def _graded_trainer(tiny_run_config, tmp_path, run_name, outcomes):
@@ -239,6 +243,10 @@ def test_hint_levels_escalate_settle_resume_exactly_and_fall_when_solved_without
         assert [count for count, _ in engine.calls] == [8, 8, 4]  # q0 escalated within the step
         assert first["guide/num_escalated_groups"] == 1 and first["guide/level1_success_rate"] == 0.5
         assert dict(trainer.rollout.loader.hint_levels) == {"q0": 1}
+        reliance = {key for key in first if key.endswith("hint_reliance")}
+        assert reliance == {"guide/hint_reliance", "guide/level0_hint_reliance", "guide/level1_hint_reliance"}
+        per_level = (first["guide/level0_hint_reliance"], first["guide/level1_hint_reliance"])
+        assert first["guide/hint_reliance"] == pytest.approx(sum(per_level) / 2, rel=1e-5)  # 4 samples at each
         second = _step(trainer)
         assert [count for count, _ in engine.calls[3:]] == [8, 8]  # q0 starts at level 1: no extra wave
         assert second["guide/level1_groups"] == 1 and second["guide/level0_groups"] == 1
@@ -255,6 +263,8 @@ def test_hint_levels_escalate_settle_resume_exactly_and_fall_when_solved_without
             assert dict(trainer.rollout.loader.hint_levels) == dict(resumed.rollout.loader.hint_levels) == {}
             for key in ("guide/num_guided_groups", "guide/level0_success_rate", "rollout/accuracy", "loss"):
                 assert after_resume[key] == pytest.approx(after[key], rel=1e-5), key
+            assert "guide/level1_hint_reliance" not in after  # only q1 is guided, at level 0
+            assert after["guide/level0_hint_reliance"] == pytest.approx(after["guide/hint_reliance"], rel=1e-6)
         finally:
             resumed.close()
     finally:

@@ -58,6 +58,7 @@ def rows_batch(rows: int, prompt: int, response: int, *, vocab: int = 301, seed:
         is_guided_S=torch.zeros(rows, dtype=torch.bool),
         rewards_S=torch.rand(rows, generator=generator),
         group_ids_S=torch.arange(rows),
+        hint_level_S=torch.full((rows,), -1),
     )
 
 

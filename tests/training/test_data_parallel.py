@@ -41,17 +41,19 @@ def test_shares_split_each_mini_batch_by_whole_groups(data_parallel, mini_batche
 
 
 def test_a_share_travels_as_two_tensors_and_comes_back_equal():
-    batch = make_train_batch(num_groups=4, group_size=2, guided_groups=(2,))
+    batch = make_train_batch(num_groups=4, group_size=2, guided_groups=(2, 3))
     batch = dataclasses.replace(batch, behaviour_logprobs_T=-torch.rand(batch.num_tokens))
     seqs = [1, 2, 5, 6]
     share = select_sequences(batch, seqs, [0, 0, 1, 1])
+    assert share.hint_level_S.tolist() == [-1, -1, 0, 1]  # group 2 at level 0, group 3 at level 1
     assert torch.equal(share.response_ids_T, batch.response_ids_T[token_positions(batch, seqs)])
     advantages_S = torch.randn(share.num_seqs)
     ints, floats = pack_share(share, advantages_S)
     assert ints.dtype == torch.int64 and floats.dtype == torch.float32
     padded = torch.nn.functional.pad(ints, (0, 7)), torch.nn.functional.pad(floats, (0, 3))
     back, back_advantages = unpack_share(*padded)
-    for name in ("response_ids_T", "cu_seqlens_S1", "is_guided_S", "rewards_S", "group_ids_S", "mini_batch_S"):
+    names = ("response_ids_T", "cu_seqlens_S1", "is_guided_S", "rewards_S", "group_ids_S", "hint_level_S")
+    for name in (*names, "mini_batch_S"):
         assert torch.equal(getattr(back, name), getattr(share, name)), name
     assert back.train_prompt_ids == share.train_prompt_ids and back.sampled_prompt_ids == share.sampled_prompt_ids
     assert torch.equal(back.behaviour_logprobs_T, share.behaviour_logprobs_T)

@@ -79,10 +79,11 @@ def test_shared_prompt_rows_give_the_same_logprobs_loss_and_gradients(
 
 
 def test_guided_samples_use_hinted_old_and_hint_free_current_logprobs(tiny_checkpoints, single_process_megatron):
-    """At step start the policy is the old policy: unguided ratios are 1, guided ones pi(o|q) / pi(o|q, hint)."""
+    """At step start the policy is the old policy: unguided ratios are 1, guided ones pi(o|q) / pi(o|q, hint); hint
+    reliance per level is the mean sequence-level log pi(o|q, hint) - log pi(o|q) of the guided samples at it."""
     from policy_probes import make_policy
 
-    batch = make_train_batch(guided_groups=(1, 3))
+    batch = make_train_batch(guided_groups=(1, 2))  # group 1 at hint level 1, group 2 at level 0
     policy = make_policy(tiny_checkpoints["llama"], lr=1e-12)
     old_logprobs_T = policy.compute_old_logprobs(batch)
     hf_model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
@@ -96,6 +97,10 @@ def test_guided_samples_use_hinted_old_and_hint_free_current_logprobs(tiny_check
     expected_guided_ratio = torch.exp(plain_T - hinted_T)[guided_T].mean().item()
     assert metrics["actor/off_policy_ratio_mean"] == pytest.approx(expected_guided_ratio, rel=1e-4)
     assert metrics["guide/hint_reliance_per_token"] != 0.0
+    seq_reliance_S = torch.zeros(batch.num_seqs).index_add(0, batch.seq_ids_T, hinted_T - plain_T)
+    for level in (0, 1):
+        expected = seq_reliance_S[batch.hint_level_S == level].mean().item()
+        assert metrics[f"guide/level{level}_hint_reliance"] == pytest.approx(expected, abs=1e-3), level
 
 
 def test_guide_grpo_steps_decrease_the_loss(tiny_checkpoints, single_process_megatron):

@@ -60,7 +60,8 @@ def make_train_batch(
     seed: int = 0,
     shared_prompts: bool = True,
 ):
-    """A deterministic TrainBatch: random prompts and responses; guided groups get a longer (hinted) sampled prompt.
+    """A deterministic TrainBatch: random prompts and responses; guided groups get a longer (hinted) sampled prompt,
+    at hint level group index % 2.
     The sequences of a group share their prompt, as in RL (so training rows share it), unless shared_prompts=False
     gives every sequence its own."""
     from guide_mega.types import TrainBatch
@@ -90,6 +91,7 @@ def make_train_batch(
         is_guided_S=is_guided_S,
         rewards_S=rewards_S,
         group_ids_S=group_ids_S,
+        hint_level_S=torch.where(is_guided_S, group_ids_S % 2, -1),
     )
 
 
