@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from guide_mega.algorithms.guide import MAX_HINT_LEVELS
 from guide_mega.types import ChatMessage, Prompt, PromptContent
 
 NATIVE_FIELDS = ("prompt", "answer", "hint", "id", "source", "metadata")
@@ -123,6 +124,8 @@ def _hint(row: Mapping[str, Any], *, where: str) -> str | list[str] | None:
         return _optional_text(row, "hint", where=where)
     if not value or not all(isinstance(item, str) and item.strip() for item in value):
         raise _fail(where, "hint", f"expected a non-empty list of non-empty strings (weakest first), got {value!r}")
+    if len(value) > MAX_HINT_LEVELS:  # the per-level metrics are reduced over a fixed number of levels
+        raise _fail(where, "hint", f"at most {MAX_HINT_LEVELS} graded hints, got {len(value)}")
     return list(value)
 
 

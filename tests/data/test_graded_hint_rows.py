@@ -21,3 +21,9 @@ def test_a_list_of_hints_is_graded_weakest_first():
 def test_a_bad_hint_list_names_the_file_line_and_field(bad):
     with pytest.raises(RowError, match=r"train.jsonl:3: field 'hint': expected a non-empty list of non-empty strings"):
         _row(bad)
+
+
+def test_more_graded_hints_than_the_metrics_hold_is_an_error_at_load():
+    assert _row([f"hint {level}" for level in range(16)]).num_hint_levels == 16
+    with pytest.raises(RowError, match=r"train.jsonl:3: field 'hint': at most 16 graded hints, got 17"):
+        _row([f"hint {level}" for level in range(17)])
