@@ -1,7 +1,7 @@
 """Readable rollouts: a few of each step's samples as JSON rows, appended to `<run_dir>/samples.jsonl`.
 
-A row holds what a person needs to judge a sample: the prompt, the hint it was sampled with (guided samples only),
-the response, its reward and correctness, why generation stopped, and how its group fared.
+A row holds what a person needs to judge a sample: the prompt, the hint it was sampled with and its level (guided
+samples only), the response, its reward and correctness, why generation stopped, and how its group fared.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ SAMPLE_FIELDS = (
     "guided",
     "prompt",
     "hint",
+    "hint_level",
     "response",
     "reward",
     "correct",
@@ -50,6 +51,7 @@ def sample_rows(step: int, groups: list[RolloutGroup], count: int) -> list[dict]
             "guided": rollout.is_guided,
             "prompt": prompt.prompt,
             "hint": hint,
+            "hint_level": rollout.hint_level if rollout.is_guided else None,
             "response": rollout.response_text,
             "reward": rollout.reward,
             "correct": rollout.correct,

@@ -12,7 +12,7 @@ def _group(prompt_id, rewards, *, guided=False, finish_reason="stop"):
         Rollout(
             prompt_id=prompt_id, sampled_prompt_ids=[1], train_prompt_ids=[1], response_ids=[5] * (index + 1),
             response_text=f"{prompt_id} answer {index}", reward=reward, correct=reward > 0, is_guided=guided,
-            finish_reason=finish_reason,
+            finish_reason=finish_reason, hint_level=1 if guided else -1,
         )
         for index, reward in enumerate(rewards)
     ]  # fmt: skip
@@ -36,11 +36,16 @@ def test_rows_carry_prompt_hint_response_reward_and_finish_reason():
     assert list(guided_row) == list(SAMPLE_FIELDS)
     assert guided_row == {
         "step": 7, "prompt_id": "a", "guided": True, "prompt": "What is a?", "hint": "think about a",
-        "response": "a answer 0", "reward": 1, "correct": True, "finish_reason": "length", "response_tokens": 1,
-        "group_accuracy": 0.5,
+        "hint_level": 1, "response": "a answer 0", "reward": 1, "correct": True, "finish_reason": "length",
+        "response_tokens": 1, "group_accuracy": 0.5,
     }  # fmt: skip
     # A hint-free sample was not sampled with the hint: the row does not claim one.
-    assert plain_row["hint"] is None and plain_row["guided"] is False and plain_row["group_accuracy"] == 0.0
+    assert (
+        plain_row["hint"] is None
+        and plain_row["hint_level"] is None
+        and plain_row["guided"] is False
+        and plain_row["group_accuracy"] == 0.0
+    )
 
 
 def test_the_file_stops_at_its_cap_and_counts_what_it_refused(tmp_path):
