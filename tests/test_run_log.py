@@ -7,6 +7,7 @@ import pytest
 
 from guide_mega import run_log as run_log_module
 from guide_mega.config import load_config
+from guide_mega.rollout_samples import sample_rows
 from guide_mega.run_log import RunLog, step_line
 from guide_mega.types import Prompt, Rollout, RolloutGroup
 
@@ -71,7 +72,9 @@ def test_a_step_hands_its_groups_and_the_log_writes_samples_and_counts_refusals(
         for text in ("one", "two", "three")
     ]
     group = RolloutGroup(prompt=prompt, rollouts=rollouts)
-    config = _config(tmp_path, **{"logging.samples_per_step": 2, "logging.samples_max_mb": 0.0004})  # ~420 bytes
+    line_bytes = max(len(json.dumps(row, ensure_ascii=False)) + 1 for row in sample_rows(1, [group], 2))
+    cap_mb = 2.5 * line_bytes / 2**20  # room for step 1's two rows, not for step 2's
+    config = _config(tmp_path, **{"logging.samples_per_step": 2, "logging.samples_max_mb": cap_mb})
     log = RunLog(tmp_path / "run", config, total_steps=2)
     log.begin(0)
     for step in (1, 2):
