@@ -91,3 +91,24 @@ def layout_results(request, tiny_checkpoints, tmp_path_factory) -> LayoutRun:
     families = [f"{family}={path}" for family, path in tiny_checkpoints.items()]
     run_torchrun(processes, "layout", str(out_dir), str(tensor), str(pipeline), *families)
     return LayoutRun(request.param, out_dir)
+
+
+@pytest.fixture(scope="session")
+def saved(tiny_checkpoints, tmp_path_factory):
+    """Two real checkpoints (steps 1 and 2) of a trained tiny policy, saved once for the session (the checkpoint
+    tests copy them before changing anything)."""
+    from policy_probes import make_policy, train_step
+    from tiny_models import make_train_batch
+
+    from guide_mega.training.distributed import destroy_parallel
+
+    destroy_parallel()
+    root = tmp_path_factory.mktemp("checkpoints")
+    try:
+        policy = make_policy(tiny_checkpoints["llama"])
+        train_step(policy, make_train_batch())
+        for step in (1, 2):
+            policy.save_checkpoint(root, step)
+    finally:
+        destroy_parallel()
+    return root

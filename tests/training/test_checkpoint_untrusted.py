@@ -14,7 +14,6 @@ import signal
 
 import pytest
 import torch
-from tiny_models import make_train_batch
 
 from guide_mega.training import checkpoint
 from guide_mega.training.checkpoint import (
@@ -25,25 +24,6 @@ from guide_mega.training.checkpoint import (
     newest_valid_checkpoint,
     verify_checkpoint,
 )
-
-
-@pytest.fixture(scope="module")
-def saved(tiny_checkpoints, tmp_path_factory):
-    """Two real checkpoints (steps 1 and 2) of a trained tiny policy, saved once for the module."""
-    from policy_probes import make_policy, train_step
-
-    from guide_mega.training.distributed import destroy_parallel
-
-    destroy_parallel()
-    root = tmp_path_factory.mktemp("checkpoints")
-    try:
-        policy = make_policy(tiny_checkpoints["llama"])
-        train_step(policy, make_train_batch())
-        for step in (1, 2):
-            policy.save_checkpoint(root, step)
-    finally:
-        destroy_parallel()
-    return root
 
 
 class _MakeDirectory:
