@@ -245,9 +245,12 @@ def test_stdin_and_assert_tests_mixed_in_one_spec():
 
 
 def test_tests_the_time_budget_cannot_run_are_counted_as_timeouts():
-    """timeout_s 3 s leaves room for one run of code_timeout_s 1 s (plus the sandbox's start-up) of SUM_TESTS' 3."""
-    program = fenced("a, b = map(int, input().split())\nprint(a + b)")
-    with _pool(1, timeout_s=3.0, code_timeout_s=1.0) as pool:
+    """timeout_s 3.7 s leaves a budget of 3.2 s: room for one run costed at code_timeout_s 2 s plus the sandbox's
+    1 s start-up allowance, never two. The program sleeps 0.5 s, so however fast the machine, the second of
+    SUM_TESTS' 3 tests would start past 3.2 - 3.0 s and is not run (a CI machine ran all three when each test took
+    under 0.5 s of a 2.5 s budget)."""
+    program = fenced("import time\ntime.sleep(0.5)\na, b = map(int, input().split())\nprint(a + b)")
+    with _pool(1, timeout_s=3.7, code_timeout_s=2.0) as pool:
         (result,) = pool.score([program], [json.dumps(SUM_TESTS)], [{}])
-        assert (result.reward, result.status) == (0.0, "timeout") and "time budget" in result.error
+        assert (result.reward, result.status) == (0.0, "timeout") and "test 1: not run" in result.error
         assert pool.metrics["reward/num_timeouts"] == 1.0
