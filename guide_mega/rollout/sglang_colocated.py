@@ -14,7 +14,7 @@ import torch
 
 from guide_mega.config import RolloutConfig
 from guide_mega.rollout.engine import WAKE_PARTS, Completion, SamplingParams, bucket_named_tensors
-from guide_mega.rollout.sglang_engine import (
+from guide_mega.rollout.sglang_protocol import (
     SGLangServerError,
     completion_from_output,
     request_payloads,

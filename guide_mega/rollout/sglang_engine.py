@@ -1,10 +1,5 @@
-"""The SGLang client: a `RolloutEngine` over running SGLang servers (HTTP), and the request and answer formats it
-shares with the in-process colocated engine (`sglang_colocated.py`).
-
-Both engines send token ids and get token ids back, with `return_logprob`: SGLang's default logprob is
-log softmax(logits / T) of the sampled token, before top-k/top-p truncation, which is the convention of `engine.py`
-(SGLANG_RETURN_ORIGINAL_LOGPROB must stay unset). Stop strings are kept in the text (`no_stop_trim`), as HFEngine
-keeps them.
+"""The SGLang client: a `RolloutEngine` over running SGLang servers (HTTP). The request and answer formats it
+shares with the in-process colocated engine (`sglang_colocated.py`) are in `sglang_protocol.py`.
 
 Separate servers (`SGLangServerEngine`): each generate call is spread over the servers that answer /health, balanced
 by expected tokens (one URL, a server or an sgl-router that balances itself, gets everything). A request's own seed
@@ -40,7 +35,15 @@ from guide_mega.rollout.engine import (
     compare_weight_heads,
     weight_head,
 )
-from guide_mega.rollout.fleet import split_by_expected_tokens
+from guide_mega.rollout.sglang_protocol import (
+    RetryableServerError,
+    SGLangServerError,
+    SGLangServerUnavailable,
+    completion_from_output,
+    request_payloads,
+    sglang_memory_tags,
+    spread_over_servers,
+)
 from guide_mega.rollout.weight_group import (
     broadcast_from_rank0,
     destroy_weight_group,
@@ -67,95 +70,6 @@ _SERVER_DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-
-
-class SGLangServerError(RuntimeError):
-    """An SGLang server is unreachable or refused a request; the message names the URL and endpoint."""
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class SGLangServerUnavailable(SGLangServerError, ValueError):
-    """The server never took the request: no connection (not started, a wrong URL, killed) or 429/5xx after every
-    retry, so another server may take it. A ValueError because the remedy lies outside this program (start or
-    restart the server): the CLI reports it in one line with exit status 2, not as a traceback."""
-
-
-class _Retryable(SGLangServerError):
-    """A failure that may pass on another try: no connection, or 429/5xx while the server starts or is busy."""
-
-
-def sglang_memory_tags(parts: Sequence[str]) -> list[str]:
-    """SGLang's memory tags for `RolloutEngine.wake` parts: the weights alone, or the KV cache with the CUDA graphs."""
-    tags = {"weights": ["weights"], "kv_cache": ["kv_cache", "cuda_graph"]}
-    unknown = set(parts) - set(tags)
-    if unknown:
-        raise ValueError(f"unknown engine memory parts {sorted(unknown)}; known: {sorted(tags)}")
-    return [tag for part in parts for tag in tags[part]]
-
-
-def sampling_payload(sampling: SamplingParams) -> dict[str, Any]:
-    """SGLang `sampling_params` for `sampling` (temperature 0 is greedy there too)."""
-    payload: dict[str, Any] = {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k if sampling.top_k > 0 else -1,
-        "max_new_tokens": sampling.max_new_tokens,
-        "stop": list(sampling.stop),
-        "stop_token_ids": list(sampling.stop_token_ids),
-        "no_stop_trim": True,
-        "skip_special_tokens": True,
-        "ignore_eos": sampling.ignore_eos,
-    }
-    if sampling.seed is not None:
-        payload["sampling_seed"] = sampling.seed
-    return payload
-
-
-def request_payloads(sampling: SamplingParams, seeds: Sequence[int] | None) -> dict[str, Any] | list[dict[str, Any]]:
-    """`sampling_params` of a generate call: one dict for all requests, or with `seeds` one per request, each with
-    its own `sampling_seed` (SGLang's /generate takes a list, one per input)."""
-    payload = sampling_payload(sampling)
-    return payload if seeds is None else [{**payload, "sampling_seed": int(seed)} for seed in seeds]
-
-
-def completion_from_output(output: dict[str, Any]) -> Completion:
-    """A Completion from one SGLang generate output ({text, meta_info: {output_token_logprobs, finish_reason}})."""
-    meta = output["meta_info"]
-    # Each entry is (logprob, token_id, token_text); the ids come from here so ids and logprobs line up.
-    entries = meta["output_token_logprobs"]
-    finish = meta.get("finish_reason") or {"type": "abort"}
-    reason = finish["type"] if finish["type"] in ("stop", "length") else "abort"
-    return Completion(
-        response_ids=[int(entry[1]) for entry in entries],
-        logprobs=[float(entry[0]) for entry in entries],
-        finish_reason=reason,
-        text=output.get("text", ""),
-        metadata={"sglang_finish": finish},
-    )
-
-
-def spread_over_servers(requests: Sequence[Sequence[int]], max_new_tokens: int, num_servers: int) -> list[list[int]]:
-    """Request indices per server (each in increasing order), balanced by expected tokens (prompt + max_new_tokens).
-
-    Consecutive copies of one prompt (a GRPO group) stay on one server, whose prefix cache then prefills the prompt
-    once, unless the run alone is larger than a server's even share: then it is cut into pieces of at most that.
-    """
-    runs, start = [], 0
-    for index in range(1, len(requests) + 1):
-        if index == len(requests) or list(requests[index]) != list(requests[start]):
-            runs.append((start, index))
-            start = index
-    cost = [len(ids) + max_new_tokens for ids in requests]
-    even_share = -(-sum(cost) // num_servers)
-    pieces = []
-    for start, stop in runs:
-        per_piece = max(1, even_share // cost[start])
-        pieces += [(first, min(first + per_piece, stop)) for first in range(start, stop, per_piece)]
-    shards = split_by_expected_tokens([(stop - first) * cost[first] for first, stop in pieces], num_servers)
-    return [[index for piece in shard for index in range(*pieces[piece])] for shard in shards]
 
 
 def _in_background(function: Callable[..., Any], **kwargs: Any) -> Future:
@@ -243,7 +157,8 @@ class SGLangServerEngine:
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
     def _attempt(self, url: str, request: urllib.request.Request, endpoint: str, timeout_s: float) -> Any:
-        """One HTTP exchange; raises _Retryable for failures worth another try, SGLangServerError for the rest."""
+        """One HTTP exchange; raises RetryableServerError for failures worth another try, SGLangServerError for the
+        rest."""
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
                 body = response.read()
@@ -251,14 +166,15 @@ class SGLangServerEngine:
         except urllib.error.HTTPError as exc:
             message = f"SGLang server {url}{endpoint}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"
             if exc.code in _RETRY_STATUSES:
-                raise _Retryable(message, status=exc.code) from None
+                raise RetryableServerError(message, status=exc.code) from None
             raise SGLangServerError(message, status=exc.code) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, TimeoutError):
                 # Not resent: the server may still be working on it, and a second copy would double its load.
                 raise SGLangServerError(f"SGLang server {url}{endpoint}: no answer within {timeout_s:g} s") from None
-            raise _Retryable(f"SGLang server {url} is not reachable ({endpoint}): {reason}; is it running?") from None
+            message = f"SGLang server {url} is not reachable ({endpoint}): {reason}; is it running?"
+            raise RetryableServerError(message) from None
 
     def _call(
         self,
@@ -276,7 +192,7 @@ class SGLangServerEngine:
         for attempt in range(retries + 1):
             try:
                 return self._attempt(url, request, endpoint, timeout_s or self.timeout_s)
-            except _Retryable as exc:
+            except RetryableServerError as exc:
                 if attempt == retries:
                     raise SGLangServerUnavailable(f"{exc} ({attempt + 1} attempts)", status=exc.status) from None
                 delay_s = self.retry_backoff_s * 2**attempt

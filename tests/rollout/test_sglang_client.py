@@ -14,12 +14,8 @@ from guide_mega.config import RolloutConfig
 from guide_mega.rollout.engine import CHECKED_WEIGHTS, SamplingParams, WeightSyncError
 from guide_mega.rollout.factory import create_rollout_engine
 from guide_mega.rollout.hf_engine import HFEngine
-from guide_mega.rollout.sglang_engine import (
-    SGLangServerEngine,
-    SGLangServerError,
-    sampling_payload,
-    spread_over_servers,
-)
+from guide_mega.rollout.sglang_engine import SGLangServerEngine
+from guide_mega.rollout.sglang_protocol import SGLangServerError, sampling_payload, spread_over_servers
 from guide_mega.rollout.sglang_server import free_port
 from guide_mega.rollout.weight_group import own_rendezvous_store, tensors_for_broadcast
 from tests.training.torchrun_launch import run_torchrun

@@ -13,7 +13,8 @@ import pytest
 
 from guide_mega.cli import main
 from guide_mega.rollout.engine import SamplingParams
-from guide_mega.rollout.sglang_engine import SGLangServerEngine, SGLangServerUnavailable
+from guide_mega.rollout.sglang_engine import SGLangServerEngine
+from guide_mega.rollout.sglang_protocol import SGLangServerUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 _SERVE = (
