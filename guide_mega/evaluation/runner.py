@@ -192,7 +192,9 @@ def evaluate(
 @dataclass(kw_only=True)
 class PeriodicEvaluator:
     """Evaluation during training (train.eval_every): held-out problems without hints, through the rollout engine
-    that holds the current weights; each evaluation's results are saved for `guide-mega analyze`."""
+    that holds the current weights; each evaluation's results are saved for `guide-mega analyze`
+    (`step_<n>.json`), and its generations beside them (`step_<n>_generations.jsonl`, rows as in eval's
+    `generations.jsonl`)."""
 
     engine: RolloutEngine
     reward_pool: RewardPool
@@ -206,11 +208,12 @@ class PeriodicEvaluator:
         """eval/ metrics at every `every`-th step and after the last; {} at other steps."""
         if step % self.every != 0 and not is_last:
             return {}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         results = evaluate(
             self.engine, self.reward_pool, self.prompts, tokenize=self.tokenize, settings=self.settings,
             meta={"step": step}, show_progress=False,
+            generations_path=self.output_dir / f"step_{step}_generations.jsonl",
         )  # fmt: skip
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         results.save(self.output_dir / f"step_{step}.json")
         n = self.settings.num_samples
         metrics = {

@@ -31,6 +31,12 @@ def test_eval_every_logs_held_out_metrics_and_keeps_results(tiny_run_config, tmp
         assert metrics[step]["eval/pass@1"] == results.pass_at_k(1)
         assert metrics[step]["eval/pass@3"] == results.pass_at_k(3)
         assert metrics[step]["eval/num_problems"] == 3
+        generations = [json.loads(line) for line in (run_dir / "eval" / f"step_{step}_generations.jsonl").open()]
+        sampled = [row for row in generations if not row["greedy"]]
+        assert sorted(row["prompt_id"] for row in sampled) == sorted(["h0", "h1", "h2"] * 3)
+        assert not any(row["guided"] for row in generations)  # held-out problems are evaluated without hints
+        correct = {p.id: p.num_correct for p in results.problems}
+        assert {i: sum(r["correct"] for r in sampled if r["prompt_id"] == i) for i in correct} == correct
     assert not (run_dir / "eval" / "step_1.json").exists()
 
 
