@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from guide_mega.training.architecture import ModelArchitecture
 from guide_mega.training.checkpoint_pickles import UnsafePickleError, check_checkpoint_pickles
 from guide_mega.training.distributed import ParallelLayout
+from guide_mega.training.optimizer import use_fused_adam
 from guide_mega.training.weight_export import iter_hf_weight_buckets
 
 METADATA_FILE = "guide_mega.json"
@@ -417,6 +418,7 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, optimizer, sch
         module.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
+    use_fused_adam(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     fingerprint = weight_fingerprint(module)
     expected = metadata["weight_fingerprint"]

@@ -37,6 +37,21 @@ def wrap_data_parallel(module: torch.nn.Module, config: TransformerConfig) -> Di
     return model
 
 
+def use_fused_adam(megatron_optimizer) -> None:
+    """Run torch's Adam (Megatron's fallback without Transformer Engine or Apex) as its fused kernel.
+
+    Unfused, torch's Adam on CPU updates one parameter at a time through a dozen elementwise ops each; its fused
+    kernel makes one pass per parameter and was 4-6x faster for SmolLM2-135M's 148M parameters here (0.23-0.38 s
+    against 1.4-2.4 s per step on 2 cores). The flag lives in the param groups, so it is set again after a load
+    restores groups saved without it.
+    """
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        if type(inner.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+            for group in inner.optimizer.param_groups:
+                group["fused"], group["foreach"] = True, False
+            inner.optimizer.defaults.update(fused=True, foreach=False)
+
+
 def build_optimizer(
     model: DistributedDataParallel,
     optimizer: OptimizerConfig,
@@ -65,6 +80,7 @@ def build_optimizer(
         use_distributed_optimizer=True,
     )
     megatron_optimizer = get_megatron_optimizer(megatron_config, [model])
+    use_fused_adam(megatron_optimizer)
     scheduler = OptimizerParamScheduler(
         megatron_optimizer,
         init_lr=0.0 if optimizer.warmup_steps else lr,

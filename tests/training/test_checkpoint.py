@@ -81,6 +81,12 @@ def _stepper(batch, old_logprobs_T):
     return step
 
 
+def _adam_fused_flags(policy) -> set:
+    optimizer = policy.runner.optimizer
+    inners = [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return {group["fused"] for inner in inners for group in inner.param_groups}
+
+
 def _steps_after_resume(tiny_checkpoints, tmp_path, *, steps_before: int) -> None:
     """Train `steps_before` steps, save, train two more; a fresh policy loading the save must take the same two steps
     (loss and weights equal), and the save itself must move no weight. Every step reuses the old logprobs of the
@@ -101,6 +107,7 @@ def _steps_after_resume(tiny_checkpoints, tmp_path, *, steps_before: int) -> Non
 
     resumed = make_policy(tiny_checkpoints["llama"])
     assert resumed.load_checkpoint(path)[0] == steps_before
+    assert _adam_fused_flags(saving) == _adam_fused_flags(resumed) == {True}  # torch's fused Adam, before and after
     assert [step(resumed) for _ in range(2)] == expected
     return expected
 
@@ -123,6 +130,22 @@ def test_a_never_stepped_optimizer_saves_and_resumes_like_a_fresh_one(
     batch = make_train_batch()
     step = _stepper(batch, never_saved.compute_old_logprobs(batch))
     assert [step(never_saved) for _ in range(2)] == expected
+
+
+def test_a_checkpoint_saved_by_unfused_adam_resumes_fused(tiny_checkpoints, tmp_path, single_process_megatron):
+    """Param groups travel in the checkpoint: one written before Adam ran fused loads its groups unfused, and the
+    load turns the fused kernel on again."""
+    from policy_probes import make_policy
+
+    saving = make_policy(tiny_checkpoints["llama"])
+    optimizer = saving.runner.optimizer
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            group["fused"] = None
+    path = saving.save_checkpoint(tmp_path / "unfused", 0)
+    resumed = make_policy(tiny_checkpoints["llama"])
+    resumed.load_checkpoint(path)
+    assert _adam_fused_flags(saving) == {None} and _adam_fused_flags(resumed) == {True}
 
 
 class _GroupStepAdam(torch.optim.Optimizer):
