@@ -134,7 +134,9 @@ def test_adversarial_programs_score_zero_and_the_pool_keeps_going(tmp_path):
         responses = [fenced(source) for source in attacks] + [fenced("print(input())")]
         answers = [json.dumps({"inputs": [""], "outputs": [expected]}) for expected in attacks.values()]
         answers.append(json.dumps({"inputs": ["ok\n"], "outputs": ["ok\n"]}))
-        with _pool(2, code_memory_mb=256) as pool:
+        # code_timeout_s is generous: the good program must finish while the other worker runs an attack, on a
+        # loaded machine too; the attacks score 0 whether they are stopped by a limit or run out of time.
+        with _pool(2, code_timeout_s=4.0, code_memory_mb=256) as pool:
             results = pool.score(responses, answers, [{}] * len(responses))
             assert [result.reward for result in results] == [0.0] * len(attacks) + [1.0]
             assert [result.status for result in results] == ["ok"] * len(responses)
@@ -171,6 +173,12 @@ def test_a_killed_reward_worker_is_replaced_and_its_sample_scores_zero():
         (worker,) = workers
         psutil.Process(worker).send_signal(signal.SIGKILL)
         scoring.join(timeout=30.0)
+        # The orphaned sandbox dies with its worker, before the pool closes: close() removes the cgroup of a run
+        # whose worker died only once the cgroup is empty.
+        deadline = time.monotonic() + 5.0
+        while _sandbox_parents() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _sandbox_parents()
         assert [result.status for result in results] == ["error", "ok"]
         assert [result.reward for result in results] == [0.0, 1.0]
         assert "worker died" in results[0].error
@@ -180,9 +188,6 @@ def test_a_killed_reward_worker_is_replaced_and_its_sample_scores_zero():
         assert bool(list(scratch_dir.iterdir())) != OS_BOUNDARY
     assert not scratch_dir.exists()
     assert not list(Path("/sys/fs/cgroup/pids").glob(f"guide-mega-sandbox-{worker}-*"))
-    deadline = time.monotonic() + 5.0
-    while _sandbox_parents() and time.monotonic() < deadline:
-        time.sleep(0.05)
     assert not _sandbox_parents()
 
 
@@ -245,12 +250,13 @@ def test_stdin_and_assert_tests_mixed_in_one_spec():
 
 
 def test_tests_the_time_budget_cannot_run_are_counted_as_timeouts():
-    """timeout_s 3.7 s leaves a budget of 3.2 s: room for one run costed at code_timeout_s 2 s plus the sandbox's
-    1 s start-up allowance, never two. The program sleeps 0.5 s, so however fast the machine, the second of
-    SUM_TESTS' 3 tests would start past 3.2 - 3.0 s and is not run (a CI machine ran all three when each test took
-    under 0.5 s of a 2.5 s budget)."""
+    """timeout_s 6.7 s leaves a budget of 6.2 s (timeout_s less the pool's 0.5 s margin): room for one run costed at
+    code_timeout_s 5 s plus the sandbox's 1 s start-up allowance, never two. The program sleeps 0.5 s, so however
+    fast the machine, the second of SUM_TESTS' 3 tests would start past 6.2 - 6.0 s and is not run (a CI machine ran
+    all three when each test took under 0.5 s of a 2.5 s budget). However slow the machine, the first run has 6 s
+    (its wall limit and the start-up allowance) to finish its 0.5 s sleep, and the pool's deadline comes later."""
     program = fenced("import time\ntime.sleep(0.5)\na, b = map(int, input().split())\nprint(a + b)")
-    with _pool(1, timeout_s=3.7, code_timeout_s=2.0) as pool:
+    with _pool(1, timeout_s=6.7, code_timeout_s=5.0) as pool:
         (result,) = pool.score([program], [json.dumps(SUM_TESTS)], [{}])
         assert (result.reward, result.status) == (0.0, "timeout") and "test 1: not run" in result.error
         assert pool.metrics["reward/num_timeouts"] == 1.0

@@ -43,6 +43,8 @@ def fake_server(fake_servers):
 
 
 def test_generate_maps_sampling_and_parses_completions(fake_server):
+    # Each call takes 0.5 s on the server: calls sent concurrently overlap there however slowly the client starts them.
+    fake_server.delay_s = 0.5
     engine = SGLangServerEngine(fake_server.url, requests_per_call=2, max_concurrency=4)
     engine.check_health()
     requests = [[10 + index, 20, 30, 40] for index in range(7)] + [[5, 6]]
@@ -214,7 +216,11 @@ def test_timeouts_are_not_resent(fake_server):
     engine = SGLangServerEngine(fake_server.url, timeout_s=0.01, max_retries=3, retry_backoff_s=0.01)
     with pytest.raises(SGLangServerError, match=r"/generate: no answer within 0\.01 s"):
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))
-    time.sleep(0.1)
+    # The server may record the request after the client gave up on it; a resend would come right after.
+    deadline = time.monotonic() + 5.0
+    while not fake_server.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
     assert [path for path, _ in fake_server.calls] == ["/generate"]
 
 

@@ -4,6 +4,10 @@ The killed run (checkpoint.every=1) dies, process group and all, while step k + 
 is complete; restarted with checkpoint.resume=auto it must log the same later steps (rollouts, rewards, tokens,
 loss) and end with the same weights as a run that was never interrupted. Both runs are real subprocesses (HF
 engine, Megatron policy, reward pool) on the tiny unigram model of conftest.py, one thread each.
+
+Where the kill lands does not depend on the machine's speed: every run scores with the fixture's exact_match reward
+through a reward file, which in the killed run's first launch alone holds step k + 1's scoring (the reward worker
+waits, so the step cannot end) until the kill.
 """
 
 import json
@@ -25,6 +29,29 @@ from guide_mega.training.checkpoint import list_checkpoints
 KILLED_AFTER_STEP = 1
 STEPS = 3
 _TIMEOUT_S = 240
+# Set for the killed run's first launch alone: the reward holds once this checkpoint exists (so in the next step),
+# after touching the file named by _HELD_ENV.
+_HOLD_AFTER_ENV = "GUIDE_MEGA_TEST_HOLD_AFTER"
+_HELD_ENV = "GUIDE_MEGA_TEST_HELD"
+REWARD = f"""
+import os
+import time
+from pathlib import Path
+
+from guide_mega.rewards.results import RewardOptions
+from guide_mega.rewards.verifiers import exact_match_reward
+
+OPTIONS = RewardOptions(lenient=True)
+
+
+def held_exact_match(prompt, response, answer, metadata):
+    hold_after = os.environ.get({_HOLD_AFTER_ENV!r})
+    if hold_after and Path(hold_after).exists():
+        Path(os.environ[{_HELD_ENV!r}]).touch()
+        while True:  # until the test kills the run (past reward.timeout_s the step would go on, and the test fail)
+            time.sleep(0.1)
+    return exact_match_reward(response, answer=answer, metadata=metadata, options=OPTIONS).reward
+"""
 # Per-step metrics that must match: what was sampled, how it scored, and what the update did.
 _COMPARED = (
     "rollout/reward_mean",
@@ -40,12 +67,15 @@ _COMPARED = (
 )
 
 
-def _start(config, name: str) -> tuple[subprocess.Popen, Path]:
+def _start(config, name: str, **extra_env: str) -> tuple[subprocess.Popen, Path]:
     """`python -m guide_mega.cli train` on `config` in its own process group; output goes to <run_dir>.log."""
     run_dir = Path(config.logging.run_dir)
     config_path, log_path = run_dir.with_suffix(".yaml"), run_dir.with_suffix(f".{name}.log")
     dump_config(config, config_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", **extra_env}
+    for key in (_HOLD_AFTER_ENV, _HELD_ENV):
+        if key not in extra_env:
+            env.pop(key, None)
     command = [sys.executable, "-m", "guide_mega.cli", "train", "--config", str(config_path)]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -61,16 +91,15 @@ def _finish(process: subprocess.Popen, log_path: Path) -> None:
     assert code == 0, f"training exited with {code}:\n{log_path.read_text()[-6000:]}"
 
 
-def _kill_during_next_step(process: subprocess.Popen, log_path: Path, checkpoint_root: Path) -> None:
-    """SIGKILL the whole process group once step KILLED_AFTER_STEP's checkpoint is written and the next step runs."""
+def _kill_during_next_step(process: subprocess.Popen, log_path: Path, checkpoint_root: Path, held: Path) -> None:
+    """SIGKILL the whole process group once step KILLED_AFTER_STEP's checkpoint is written and the next step's
+    scoring is held (`held` exists)."""
     saved = re.compile(rf"^checkpoint: .*step_{KILLED_AFTER_STEP}$", re.MULTILINE)
     deadline = time.monotonic() + _TIMEOUT_S
-    while not saved.search(log_path.read_text()):
+    while not (saved.search(log_path.read_text()) and held.exists()):
         assert process.poll() is None, f"training ended before the kill:\n{log_path.read_text()[-6000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within the timeout"
+        assert time.monotonic() < deadline, f"no checkpoint and held step within the timeout (held: {held.exists()})"
         time.sleep(0.05)
-    # The checkpoint message is the last thing a save does: the loop is now in the next step's rollout.
-    time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     completed = [path.name for path in list_checkpoints(checkpoint_root)]
@@ -87,16 +116,23 @@ def _final_weights(config) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_step_then_resume_matches_the_uninterrupted_run(tiny_run_config):
-    # Longer responses than the fixture's 6 tokens: a step must outlast the pause before the kill (on an idle
-    # machine a 6-token step could finish inside it, and the kill landed after step 2's checkpoint).
-    options = {"train.steps": STEPS, "checkpoint.every": 1, "checkpoint.export_hf": True, "rollout.max_new_tokens": 40}
+def test_sigkill_mid_step_then_resume_matches_the_uninterrupted_run(tiny_run_config, tmp_path):
+    reward_file = tmp_path / "held_reward.py"
+    reward_file.write_text(REWARD)
+    # exact_match through the reward file in every run (lenient inside it: reward.lenient is for the built-ins);
+    # 40-token responses, as before the hold, so the compared steps are the same as they were.
+    options = {
+        "train.steps": STEPS, "checkpoint.every": 1, "checkpoint.export_hf": True, "rollout.max_new_tokens": 40,
+        "reward.name": f"{reward_file}:held_exact_match", "reward.lenient": False,
+    }  # fmt: skip
     straight, killed = tiny_run_config("straight", **options), tiny_run_config("killed", **options)
+    checkpoint_root, held = Path(killed.logging.run_dir) / "checkpoints", tmp_path / "held"
+    hold = {_HOLD_AFTER_ENV: str(checkpoint_root / f"step_{KILLED_AFTER_STEP}"), _HELD_ENV: str(held)}
     # Both first launches run side by side (one thread each) to halve the wall time.
     straight_process, straight_log = _start(straight, "first")
-    killed_process, killed_log = _start(killed, "first")
+    killed_process, killed_log = _start(killed, "first", **hold)
     try:
-        _kill_during_next_step(killed_process, killed_log, Path(killed.logging.run_dir) / "checkpoints")
+        _kill_during_next_step(killed_process, killed_log, checkpoint_root, held)
         resumed_process, resumed_log = _start(killed, "resumed")
         _finish(resumed_process, resumed_log)
     finally:
