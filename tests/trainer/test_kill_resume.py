@@ -50,7 +50,12 @@ def held_exact_match(prompt, response, answer, metadata):
         Path(os.environ[{_HELD_ENV!r}]).touch()
         while True:  # until the test kills the run (past reward.timeout_s the step would go on, and the test fail)
             time.sleep(0.1)
-    return exact_match_reward(response, answer=answer, metadata=metadata, options=OPTIONS).reward
+    # A quarter point for an odd number of 2s (the tiny model writes 1s, 2s and spaces): groups the exact match
+    # leaves all wrong still differ, so the compared steps train (a gradient of 0 would compare no update), and only
+    # exact matches count as correct.
+    return exact_match_reward(response, answer=answer, metadata=metadata, options=OPTIONS).reward + 0.25 * (
+        response.count("2") % 2
+    )
 """
 # Per-step metrics that must match: what was sampled, how it scored, and what the update did.
 _COMPARED = (
@@ -119,8 +124,8 @@ def _final_weights(config) -> dict[str, torch.Tensor]:
 def test_sigkill_mid_step_then_resume_matches_the_uninterrupted_run(tiny_run_config, tmp_path):
     reward_file = tmp_path / "held_reward.py"
     reward_file.write_text(REWARD)
-    # exact_match through the reward file in every run (lenient inside it: reward.lenient is for the built-ins);
-    # 40-token responses, as before the hold, so the compared steps are the same as they were.
+    # exact_match (plus parity credit) through the reward file in every run (lenient inside it: reward.lenient is
+    # for the built-ins); 40-token responses, as before the hold, so the compared steps are the same as they were.
     options = {
         "train.steps": STEPS, "checkpoint.every": 1, "checkpoint.export_hf": True, "rollout.max_new_tokens": 40,
         "reward.name": f"{reward_file}:held_exact_match", "reward.lenient": False,
@@ -143,6 +148,8 @@ def test_sigkill_mid_step_then_resume_matches_the_uninterrupted_run(tiny_run_con
 
     expected, resumed = _metrics(straight), _metrics(killed)
     assert [row["step"] for row in resumed] == [row["step"] for row in expected] == list(range(1, STEPS + 1))
+    # Each compared step updates the weights (its loss may be 0: equal lengths, advantages summing to 0 at ratio 1).
+    assert all(row["actor/grad_norm"] > 0 for row in expected[KILLED_AFTER_STEP:]), "a compared step trained nothing"
     for want, got in zip(expected[KILLED_AFTER_STEP:], resumed[KILLED_AFTER_STEP:], strict=True):
         for key in _COMPARED:  # a mean over nothing (no guided sample) is absent from both
             assert (key in got) == (key in want), (got["step"], key)
