@@ -33,6 +33,8 @@ class PromptSet:
     """The first few skipped rows' errors, each naming its file and line."""
     num_without_hint: int = 0
     """Generator sources: problems left without a hint because every candidate hint leaked the answer."""
+    num_hint_levels_leaked: int = 0
+    """Generator sources with graded hints: levels left out (of problems that may keep others) for leaking it."""
 
 
 def _truncation_note(raw: bytes) -> str:

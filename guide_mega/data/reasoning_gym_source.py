@@ -80,14 +80,12 @@ HINT_BUILDERS: dict[str, list[HintBuilder]] = {
 }
 
 
-def build_hint_levels(task: str, entry: dict[str, Any]) -> list[str]:
-    """The graded hints of a reasoning-gym entry, weakest first: every level built that does not leak its answer."""
-    hints = [builder(entry["metadata"]) for builder in HINT_BUILDERS.get(task, [])]
-    return [
-        hint
-        for hint in hints
-        if hint is not None and not hint_leaks_answer(hint, answer=entry["answer"], question=entry["question"])
-    ]
+def build_hint_levels(task: str, entry: dict[str, Any]) -> tuple[list[str], int]:
+    """The graded hints of a reasoning-gym entry, weakest first (every level built that does not leak its answer),
+    and how many built levels were left out because they leaked it."""
+    built = [hint for builder in HINT_BUILDERS.get(task, []) if (hint := builder(entry["metadata"])) is not None]
+    kept = [hint for hint in built if not hint_leaks_answer(hint, answer=entry["answer"], question=entry["question"])]
+    return kept, len(built) - len(kept)
 
 
 def _literal(text: str) -> str:
@@ -108,18 +106,20 @@ def load_reasoning_gym(
     possible.
 
     Each Prompt carries the reasoning-gym entry in its metadata, for the task's own scorer (reward
-    `reasoning_gym`). `PromptSet.num_without_hint` counts the problems left without a hint. hints=False builds
+    `reasoning_gym`). `PromptSet.num_without_hint` counts the problems left without a hint, `num_hint_levels_leaked`
+    the hint levels left out because they stated the answer. hints=False builds
     none (for hints the policy writes itself, algorithm.guide.hint_source = self).
     """
     import reasoning_gym
 
     dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **task_options)
-    prompts, num_without_hint = [], 0
+    prompts, num_without_hint, num_leaked = [], 0, 0
     for index in range(size):
         entry = dataset[index]
         question = entry["question"].strip()
-        levels = build_hint_levels(task, entry) if hints else []
+        levels, leaked = build_hint_levels(task, entry) if hints else ([], 0)
         num_without_hint += hints and not levels
+        num_leaked += leaked
         prompts.append(
             Prompt(
                 id=f"reasoning_gym/{task}/{seed}/{index}",
@@ -131,4 +131,4 @@ def load_reasoning_gym(
                 metadata={REASONING_GYM_ENTRY_KEY: entry},
             )
         )
-    return PromptSet(prompts=prompts, num_without_hint=num_without_hint)
+    return PromptSet(prompts=prompts, num_without_hint=num_without_hint, num_hint_levels_leaked=num_leaked)

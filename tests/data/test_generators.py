@@ -23,8 +23,8 @@ def leg_entry(animals):
 
 
 def test_leg_counting_levels_go_from_legs_per_animal_to_subtotals():
-    levels = build_hint_levels("leg_counting", leg_entry({"firefly": 3, "tiger": 2}))
-    assert levels == [
+    levels, leaked = build_hint_levels("leg_counting", leg_entry({"firefly": 3, "tiger": 2}))
+    assert leaked == 0 and levels == [
         "A firefly has 6 legs; a tiger has 4 legs.",
         "Each firefly has 6 legs, so 3 fireflys have 3 x 6 = 18 legs; each tiger has 4 legs, so 2 tigers have "
         "2 x 4 = 8 legs. Add these numbers together.",
@@ -33,13 +33,14 @@ def test_leg_counting_levels_go_from_legs_per_animal_to_subtotals():
 
 def test_every_level_is_leak_checked():
     # The snake has 0 legs, so the spider subtotal (16) is the answer: only the weaker level is left.
-    assert build_hint_levels("leg_counting", leg_entry({"spider": 2, "snake": 1})) == [
-        "A spider has 8 legs; a snake has 0 legs."
-    ]
+    assert build_hint_levels("leg_counting", leg_entry({"spider": 2, "snake": 1})) == (
+        ["A spider has 8 legs; a snake has 0 legs."],
+        1,
+    )
     # One animal type: its subtotal is the total.
-    assert build_hint_levels("leg_counting", leg_entry({"elephant": 3})) == ["An elephant has 4 legs."]
+    assert build_hint_levels("leg_counting", leg_entry({"elephant": 3})) == (["An elephant has 4 legs."], 1)
     # 2 snakes: every level states 0 legs, the answer.
-    assert build_hint_levels("leg_counting", leg_entry({"snake": 2})) == []
+    assert build_hint_levels("leg_counting", leg_entry({"snake": 2})) == ([], 2)
 
 
 def test_hint_leak_check_compares_whole_numbers():
@@ -58,6 +59,8 @@ def test_reasoning_gym_source_prompts_hints_and_scoring():
     assert len(prompts) == 60 and len({prompt.id for prompt in prompts}) == 60
     assert prompt_set.num_without_hint == sum(not prompt.has_hint for prompt in prompts)
     assert prompt_set.num_without_hint < 10
+    # Every problem built both levels; those it lacks were left out for leaking, and counted.
+    assert prompt_set.num_hint_levels_leaked == sum(2 - prompt.num_hint_levels for prompt in prompts) > 0
     for prompt in prompts:
         entry = prompt.metadata["reasoning_gym_entry"]
         assert prompt.prompt.endswith("?\nPut the final answer after 'Answer:'.")
