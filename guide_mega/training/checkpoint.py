@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from guide_mega.training.architecture import ModelArchitecture
 from guide_mega.training.checkpoint_pickles import UnsafePickleError, check_checkpoint_pickles
 from guide_mega.training.distributed import ParallelLayout
-from guide_mega.training.optimizer import use_fused_adam
+from guide_mega.training.optimizer import inner_optimizers, use_fused_adam
 from guide_mega.training.weight_export import iter_hf_weight_buckets
 
 METADATA_FILE = "guide_mega.json"
@@ -159,7 +159,7 @@ def _savable_optimizer_state(optimizer):
     Torch's Adam counts steps in each parameter's state; Transformer Engine's FusedAdam counts them in the param
     groups, so the groups' counters are written as 0 and put back as they were too.
     """
-    fresh = [inner for inner in getattr(optimizer, "chained_optimizers", [optimizer]) if not inner.optimizer.state]
+    fresh = [inner for inner in inner_optimizers(optimizer) if not inner.optimizer.state]
     group_steps = {id(inner): [group.get("step") for group in inner.optimizer.param_groups] for inner in fresh}
     for inner in fresh:
         params = [p for group in inner.optimizer.param_groups for p in group["params"]]
@@ -372,7 +372,7 @@ def _materialise_optimizer_state(optimizer) -> None:
     'step' counter that the distributed optimizer's state_dict requires) only on its first step. Megatron's own
     dummy-state initialiser does exactly that; the loaded checkpoint then overwrites every value.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in inner_optimizers(optimizer):
         if len(inner.optimizer.state) == 0:
             inner._init_optimizer_states_with_dummy_values()
 
@@ -385,7 +385,7 @@ def _restore_adam_steps(optimizer) -> None:
     initialiser's 1): torch's Adam increments each state's step in place, so every update after a resume would use
     the wrong bias correction.
     """
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in inner_optimizers(optimizer):
         for group in inner.optimizer.param_groups:
             for param in group["params"]:
                 param_state = inner.optimizer.state.get(param, {})

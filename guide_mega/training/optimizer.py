@@ -37,6 +37,12 @@ def wrap_data_parallel(module: torch.nn.Module, config: TransformerConfig) -> Di
     return model
 
 
+def inner_optimizers(megatron_optimizer) -> list:
+    """The Megatron optimizers (each wrapping one torch optimizer as `.optimizer`) of a Megatron optimizer, which
+    is either one of them or a ChainedOptimizer of several."""
+    return list(getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]))
+
+
 def use_fused_adam(megatron_optimizer) -> None:
     """Run torch's Adam (Megatron's fallback without Transformer Engine or Apex) as its fused kernel.
 
@@ -45,7 +51,7 @@ def use_fused_adam(megatron_optimizer) -> None:
     against 1.4-2.4 s per step on 2 cores). The flag lives in the param groups, so it is set again after a load
     restores groups saved without it.
     """
-    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+    for inner in inner_optimizers(megatron_optimizer):
         if type(inner.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
             for group in inner.optimizer.param_groups:
                 group["fused"], group["foreach"] = True, False

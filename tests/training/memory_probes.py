@@ -27,10 +27,12 @@ TWO_PROCESS_LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
 def state_tensor_bytes(policy) -> dict[str, int]:
     """Bytes this rank holds: parameters, the fp32 main gradients (unpadded, and the whole padded buffer), and the
     optimizer's own tensors (fp32 main weights not sharing a parameter's storage, Adam's moments)."""
+    from guide_mega.training.optimizer import inner_optimizers
+
     params = list(policy.module.parameters())
     own = {param.untyped_storage().data_ptr() for param in params}
     main_params = moments = 0
-    for optimizer in getattr(policy.runner.optimizer, "chained_optimizers", [policy.runner.optimizer]):
+    for optimizer in inner_optimizers(policy.runner.optimizer):
         for group in optimizer.optimizer.param_groups:
             for main in group["params"]:
                 if main.untyped_storage().data_ptr() not in own:

@@ -8,6 +8,7 @@ from tiny_models import make_train_batch
 from torchrun_launch import run_torchrun
 
 from guide_mega.training.checkpoint import METADATA_FILE, list_checkpoints, prune_checkpoints
+from guide_mega.training.optimizer import inner_optimizers
 
 
 @pytest.mark.distributed
@@ -83,7 +84,7 @@ def _stepper(batch, old_logprobs_T):
 
 def _adam_fused_flags(policy) -> set:
     optimizer = policy.runner.optimizer
-    inners = [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])]
+    inners = [inner.optimizer for inner in inner_optimizers(optimizer)]
     return {group["fused"] for inner in inners for group in inner.param_groups}
 
 
@@ -139,7 +140,7 @@ def test_a_checkpoint_saved_by_unfused_adam_resumes_fused(tiny_checkpoints, tmp_
 
     saving = make_policy(tiny_checkpoints["llama"])
     optimizer = saving.runner.optimizer
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for inner in inner_optimizers(optimizer):
         for group in inner.optimizer.param_groups:
             group["fused"] = None
     path = saving.save_checkpoint(tmp_path / "unfused", 0)
