@@ -1,7 +1,7 @@
 """The colocated SGLang engine: a `RolloutEngine` over an in-process `sglang.Engine` that shares the GPUs with
 training. It takes weights as tensors in memory (`update_weights_from_tensor`, one bucket at a time) and releases
 its memory while the policy trains. The only module that imports sglang (lazily, when an engine is built); requests
-and answers use the client's formats (`sglang_engine.py`).
+and answers use the formats it shares with the HTTP client (`sglang_protocol.py`).
 """
 
 from __future__ import annotations
