@@ -131,7 +131,7 @@ def test_help_shows_defaults():
 
 
 @pytest.mark.distributed
-def test_user_error_under_torchrun_is_one_line_per_rank_and_no_rank_traceback():
+def test_user_error_under_torchrun_is_one_clean_line_and_no_traceback_of_ours():
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
          "guide_mega.cli", "train", "--config", DEMO, "data.source=missing.jsonl", "data.source_options={}"],
@@ -139,8 +139,13 @@ def test_user_error_under_torchrun_is_one_line_per_rank_and_no_rank_traceback():
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert output.count("guide-mega train: error: data.source: no such prompt file: missing.jsonl") == 2, output
+    # Each rank that reaches the check prints the line; how many do is a race, since torchrun sends SIGTERM to
+    # the other rank as soon as the first exits with 2.
+    error_lines = [line for line in output.splitlines() if line.startswith("guide-mega train: error:")]
+    assert error_lines and len(error_lines) <= 2, output
+    assert set(error_lines) == {"guide-mega train: error: data.source: no such prompt file: missing.jsonl"}, output
     assert "[rank0]" not in output and "[rank1]" not in output, output
+    assert "guide_mega/" not in output, output  # no frame of ours in any traceback
 
 
 def test_convert_names_a_source_that_is_not_a_checkpoint(tmp_path):
