@@ -81,12 +81,8 @@ def _build_rollout_side(config: Config, model_dir: Path, engines: RolloutEngines
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_set = load_prompt_source(config.data.source, config.data)
-    if prompt_set.num_skipped_rows or prompt_set.num_without_hint or prompt_set.num_hint_levels_leaked:
-        run_log.message(
-            f"data: {len(prompt_set.prompts)} prompts; {prompt_set.num_skipped_rows} malformed rows skipped; "
-            f"{prompt_set.num_without_hint} problems without a usable hint; "
-            f"{prompt_set.num_hint_levels_leaked} hint levels left out for stating the answer"
-        )
+    if losses := prompt_set.losses_line():
+        run_log.message(losses)
     loader = PromptLoader.from_config(
         prompt_set.prompts, config.data, tokenizer=tokenizer, hint_template=config.algorithm.guide.hint_template
     )

@@ -36,6 +36,16 @@ class PromptSet:
     num_hint_levels_leaked: int = 0
     """Generator sources with graded hints: levels left out (of problems that may keep others) for leaking it."""
 
+    def losses_line(self) -> str | None:
+        """The start-up line that counts what was left out, or None when nothing was."""
+        if not (self.num_skipped_rows or self.num_without_hint or self.num_hint_levels_leaked):
+            return None
+        return (
+            f"data: {len(self.prompts)} prompts; {self.num_skipped_rows} malformed rows skipped; "
+            f"{self.num_without_hint} problems without a usable hint; "
+            f"{self.num_hint_levels_leaked} hint levels left out for stating the answer"
+        )
+
 
 def _truncation_note(raw: bytes) -> str:
     # A last line without its newline that does not parse is most likely a file cut short (a copy that stopped).

@@ -36,6 +36,11 @@ def test_jsonl_skip_counts_and_keeps_the_rest(tmp_path):
     assert prompt_set.num_skipped_rows == 2
     assert prompt_set.skipped_row_errors[0].startswith(f"{path}:2: invalid JSON")
     assert prompt_set.skipped_row_errors[1].startswith(f"{path}:3: field 'answer'")
+    assert prompt_set.losses_line() == (
+        "data: 2 prompts; 2 malformed rows skipped; 0 problems without a usable hint; "
+        "0 hint levels left out for stating the answer"
+    )
+    assert load_prompt_file(write_jsonl(tmp_path / "clean.jsonl", [GOOD, OTHER])).losses_line() is None
 
 
 def test_duplicate_ids_are_an_error(tmp_path):

@@ -61,6 +61,10 @@ def test_reasoning_gym_source_prompts_hints_and_scoring():
     assert prompt_set.num_without_hint < 10
     # Every problem built both levels; those it lacks were left out for leaking, and counted.
     assert prompt_set.num_hint_levels_leaked == sum(2 - prompt.num_hint_levels for prompt in prompts) > 0
+    assert prompt_set.losses_line() == (
+        f"data: 60 prompts; 0 malformed rows skipped; {prompt_set.num_without_hint} problems without a usable hint; "
+        f"{prompt_set.num_hint_levels_leaked} hint levels left out for stating the answer"
+    )
     for prompt in prompts:
         entry = prompt.metadata["reasoning_gym_entry"]
         assert prompt.prompt.endswith("?\nPut the final answer after 'Answer:'.")
