@@ -14,7 +14,9 @@ def _config(model_dir, data_path, run_dir, **overrides):
         "rollout.group_size": 4, "rollout.max_new_tokens": 6, "rollout.temperature": 1.0,
         "algorithm.guide.enabled": True, "algorithm.guide.drop_equal_rewards": False,
         "optimizer.lr": 0.05, "data.source": str(data_path), "data.max_prompt_tokens": 128,
-        "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1,
+        # A loaded 2-core machine can starve the reward worker for seconds (as in conftest.py's tiny_run_config): at
+        # the default 5 s a timeout scores 0 and the resumed run's rewards and loss no longer match.
+        "reward.name": "exact_match", "reward.lenient": True, "reward.num_workers": 1, "reward.timeout_s": 60.0,
         "train.steps": 3, "train.prompts_per_step": 2, "train.micro_batch_tokens": 512,
         "logging.run_dir": str(run_dir), "logging.progress_bar": False, "logging.tensorboard": True,
         "checkpoint.every": 1, "checkpoint.keep_last": 5,
