@@ -17,10 +17,17 @@ from guide_mega.rollout.sglang_engine import SGLangServerEngine
 from guide_mega.rollout.sglang_protocol import SGLangServerUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
+# The server prints its URL, then a line as each /generate request arrives (before its delay), so a test can kill it
+# while a request is in it.
 _SERVE = (
     "import sys, time\n"
     "from tests.rollout.fake_sglang import FakeSGLangServer\n"
     "server = FakeSGLangServer(delay_s=float(sys.argv[1]))\n"
+    "generate = server.routes['/generate']\n"
+    "def announced(body):\n"
+    "    print('generating', flush=True)\n"
+    "    return generate(body)\n"
+    "server.routes['/generate'] = announced\n"
     "print(server.url, flush=True)\n"
     "time.sleep(600)\n"
 )
@@ -44,6 +51,15 @@ def server_process():
         process.wait()
 
 
+def _wait_for_a_request(process) -> None:
+    """Return once the server has a /generate request in hand (it printed 'generating')."""
+    line = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert line == ["generating\n"], f"no /generate request reached the server within 30 s: {line}"
+
+
 def _generate_in_background(engine, requests):
     outcome = {}
 
@@ -62,7 +78,7 @@ def test_a_server_killed_mid_step_fails_the_step_clearly(server_process):
     process, url = server_process(delay_s=60.0)
     engine = SGLangServerEngine(url, max_retries=2, retry_backoff_s=0.1)
     thread, outcome = _generate_in_background(engine, [[1, 2, 3]])
-    time.sleep(1.0)  # the request is in the server, which sleeps 60 s before answering
+    _wait_for_a_request(process)  # the request is in the server, which sleeps 60 s before answering
     start = time.monotonic()
     process.send_signal(signal.SIGKILL)
     thread.join(timeout=30)
@@ -79,7 +95,7 @@ def test_with_two_servers_a_killed_ones_requests_move_to_the_other(server_proces
     _, survivor_url = server_process(delay_s=0.05)
     engine = SGLangServerEngine([doomed_url, survivor_url], max_retries=1, retry_backoff_s=0.1, requests_per_call=1)
     thread, outcome = _generate_in_background(engine, [[k, k, k] for k in range(4)])
-    time.sleep(1.0)
+    _wait_for_a_request(doomed)  # killed with a request in hand, not before its share reached it
     doomed.send_signal(signal.SIGKILL)
     thread.join(timeout=30)
     assert [completion.response_ids for completion in outcome["completions"]] == [[k, k, k] for k in range(4)]
