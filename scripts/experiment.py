@@ -173,6 +173,26 @@ def hint_table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def hint_window_table(runs: dict[tuple[str, int], list[dict]], window: int) -> str:
+    """Each arm's yield, tokens and escalations per window of `window` steps (steps 1..window, ...), mean and
+    spread over its seeds; `runs` maps (arm, seed) to the run's metrics rows. With a problem set of
+    window x prompts_per_step problems, a window is one pass over it, so a later window shows what the per-problem
+    hint levels remembered from the earlier ones."""
+    keys = ("trainable_groups_per_1k_tokens", "generated_tokens", "num_guided_groups", "num_escalated_groups")
+    lines = ["| steps | arm | " + " | ".join(keys) + " |", "|---|---" + "|---" * len(keys) + "|"]
+    by_step = {run: {int(row["step"]): row for row in rows} for run, rows in runs.items()}
+    last = max(max(steps, default=0) for steps in by_step.values())
+    for first in range(1, last + 1, window):
+        steps = range(first, min(first + window, last + 1))
+        for arm in dict.fromkeys(arm for arm, _ in runs):
+            summaries = [hint_summary([rows[step] for step in steps if step in rows])
+                         for (run_arm, _), rows in by_step.items() if run_arm == arm]  # fmt: skip
+            cells = [f"{statistics.fmean(values):.4g} ± {statistics.pstdev(values):.2g}"
+                     for values in ([summary[key] for summary in summaries] for key in keys)]  # fmt: skip
+            lines.append(f"| {steps.start}-{steps.stop - 1} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def run_hint_arms(args: argparse.Namespace) -> None:
     """The hints variant: every arm of --arms for every seed of --seeds; writes the table and the JSON record."""
     work, output = Path(args.work_dir) / "hints", Path(args.output)
@@ -185,6 +205,13 @@ def run_hint_arms(args: argparse.Namespace) -> None:
         sys.exit(f"--arms: unknown {unknown}; the arms are {sorted(HINT_ARMS)}")
     summaries = [_hint_run(args, arm, seed, work) for arm in arms for seed in seeds]
     table = hint_table(summaries)
+    if args.window:
+        runs = {
+            (arm, seed): read_metrics(work / f"{arm}_seed{seed}" / "metrics.jsonl") for arm in arms for seed in seeds
+        }
+        table += f"\nPer window of {args.window} steps, mean ± spread over seeds:\n\n" + hint_window_table(
+            runs, args.window
+        )
     record = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -210,6 +237,9 @@ def main() -> None:
     parser.add_argument("--variant", choices=("algorithms", "hints"), default="algorithms", help="what to compare")
     parser.add_argument("--seeds", default="1", help="hints variant: comma-separated train.seed of each run")
     parser.add_argument("--arms", default=",".join(HINT_ARMS), help="hints variant: comma-separated subset of arms")
+    parser.add_argument(
+        "--window", type=int, default=0, help="hints variant: also tabulate every window of this many steps"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run and evaluation")
     args = parser.parse_args()
     if args.variant == "hints":

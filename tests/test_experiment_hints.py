@@ -33,3 +33,20 @@ def test_hint_table_has_a_row_per_run_and_a_mean_per_arm():
     assert "| graded_hints | 2 | 4 | 0.5 |" in table
     assert "| **graded_hints** | 2 seeds | 3 ± 1 | 0.5 ± 0 |" in table
     assert set(experiment.HINT_ARMS) == {"fixed_hints", "graded_hints", "self_hints"}
+
+
+def test_hint_window_table_averages_each_window_over_seeds():
+    def step(number, tokens, trainable, escalated):
+        return {"step": number, "rollout/generated_tokens": tokens, "guide/num_escalated_groups": escalated,
+                "guide/trainable_groups_per_1k_tokens": 1000 * trainable / tokens}  # fmt: skip
+
+    runs = {
+        ("graded_hints", 1): [step(1, 1000, 1, 3), step(2, 1000, 1, 1), step(3, 500, 1, 0)],
+        ("graded_hints", 2): [step(1, 2000, 2, 5), step(2, 2000, 0, 1), step(3, 500, 2, 0)],
+        ("fixed_hints", 1): [step(1, 1000, 2, 0), step(2, 1000, 0, 0), step(3, 1000, 1, 0)],
+    }
+    lines = experiment.hint_window_table(runs, 2).splitlines()
+    # Seed 1's first window: 2 groups in 2,000 tokens (1.0 per 1k); seed 2's: 2 in 4,000 (0.5); mean 0.75.
+    assert "| 1-2 | graded_hints | 0.75 ± 0.25 | 3000 ± 1e+03 | 0 ± 0 | 5 ± 1 |" in lines
+    assert "| 3-3 | graded_hints | 3 ± 1 | 500 ± 0 | 0 ± 0 | 0 ± 0 |" in lines
+    assert "| 1-2 | fixed_hints | 1 ± 0 | 2000 ± 0 | 0 ± 0 | 0 ± 0 |" in lines and len(lines) == 6
