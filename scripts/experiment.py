@@ -139,9 +139,13 @@ def hint_summary(rows: list[dict]) -> dict[str, float]:
     }
 
 
+def _hint_run_dir(work: Path, arm: str, seed: int) -> Path:
+    return work / f"{arm}_seed{seed}"
+
+
 def _hint_run(args: argparse.Namespace, arm: str, seed: int, work: Path) -> dict:
     """One arm and seed, trained unless its summary.json says it finished; an interrupted run resumes."""
-    run_dir = work / f"{arm}_seed{seed}"
+    run_dir = _hint_run_dir(work, arm, seed)
     done = run_dir / "summary.json"
     if done.exists():
         print(f"{run_dir}: finished earlier, not run again", flush=True)
@@ -167,10 +171,14 @@ def hint_table(summaries: list[dict]) -> str:
         lines.append(f"| {row['arm']} | {row['seed']} | " + " | ".join(f"{row[key]:.4g}" for key in keys) + " |")
     for arm in dict.fromkeys(row["arm"] for row in summaries):
         runs = [row for row in summaries if row["arm"] == arm]
-        cells = [f"{statistics.fmean(values):.4g} ± {statistics.pstdev(values):.2g}"
-                 for values in ([row[key] for row in runs] for key in keys)]  # fmt: skip
+        cells = [_mean_spread([row[key] for row in runs]) for key in keys]
         lines.append(f"| **{arm}** | {len(runs)} seeds | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_spread(values: list[float]) -> str:
+    """A table cell: the mean and the spread (population std) of one quantity over seeds."""
+    return f"{statistics.fmean(values):.4g} ± {statistics.pstdev(values):.2g}"
 
 
 def hint_window_table(runs: dict[tuple[str, int], list[dict]], window: int) -> str:
@@ -187,8 +195,7 @@ def hint_window_table(runs: dict[tuple[str, int], list[dict]], window: int) -> s
         for arm in dict.fromkeys(arm for arm, _ in runs):
             summaries = [hint_summary([rows[step] for step in steps if step in rows])
                          for (run_arm, _), rows in by_step.items() if run_arm == arm]  # fmt: skip
-            cells = [f"{statistics.fmean(values):.4g} ± {statistics.pstdev(values):.2g}"
-                     for values in ([summary[key] for summary in summaries] for key in keys)]  # fmt: skip
+            cells = [_mean_spread([summary[key] for summary in summaries]) for key in keys]
             lines.append(f"| {steps.start}-{steps.stop - 1} | {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -207,7 +214,9 @@ def run_hint_arms(args: argparse.Namespace) -> None:
     table = hint_table(summaries)
     if args.window:
         runs = {
-            (arm, seed): read_metrics(work / f"{arm}_seed{seed}" / "metrics.jsonl") for arm in arms for seed in seeds
+            (arm, seed): read_metrics(_hint_run_dir(work, arm, seed) / "metrics.jsonl")
+            for arm in arms
+            for seed in seeds
         }
         table += f"\nPer window of {args.window} steps, mean ± spread over seeds:\n\n" + hint_window_table(
             runs, args.window
