@@ -251,6 +251,12 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run and evaluation")
     args = parser.parse_args()
+    if args.window < 0:
+        print(
+            f"experiment.py: error: --window: {args.window} is not a number of steps (0: no such table)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if args.variant == "hints":
         run_hint_arms(args)
         return

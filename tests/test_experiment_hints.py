@@ -1,6 +1,8 @@
 """The hints variant of `make experiment`: what a run is judged by, and the table over arms and seeds."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,16 @@ def test_hint_window_table_averages_each_window_over_seeds():
     assert "| 1-2 | graded_hints | 0.75 ± 0.25 | 3000 ± 1e+03 | 0 ± 0 | 5 ± 1 |" in lines
     assert "| 3-3 | graded_hints | 3 ± 1 | 500 ± 0 | 0 ± 0 | 0 ± 0 |" in lines
     assert "| 1-2 | fixed_hints | 1 ± 0 | 2000 ± 0 | 0 ± 0 | 0 ± 0 |" in lines and len(lines) == 6
+
+
+def test_a_negative_window_is_refused_before_anything_runs(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "experiment.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--variant", "hints", "--window", "-2", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "experiment.py: error: --window: -2 is not a number of steps (0: no such table)"
+    ]
+    assert not (tmp_path / "hints").exists()
